@@ -19,6 +19,12 @@ Settings:
   (``axis_name``); SGD there all-reduces its gradient once.
 - ``shard_map × m=…``: 8 devices and in-device groups.
 
+A second table sweeps in-device m-sharpness over three models (the MLP, and
+the CNN and transformer block of ``benchmarks.step_time``), several m and the
+three group loops (``group_loop='vmap'|'unroll'|'scan'``), with XLA's FLOPs and
+compiled temp memory beside the times (``--models``, ``--loops``).
+``--quick`` is a smoke run on tiny models.
+
 Ratios are the result; absolute times depend on the machine (and on other
 work running on it). Run ``python -m benchmarks.distributed --help``.
 """
@@ -189,6 +195,179 @@ def shard_map_steps(mesh, ms):
   return out
 
 
+# --- In-device m across models and group loops ---------------------------------
+
+# model name -> (builder kwargs, batch, m values). The MLP is the one above; the
+# CNN and the transformer block are those of ``benchmarks.step_time``.
+IN_DEVICE_MODELS = {
+    "mlp": (dict(), 256, (128, 64, 32)),
+    "cnn": (dict(channels=(16, 32, 64), image=32), 64, (32, 16)),
+    "transformer": (dict(d_model=64, heads=4, seq=32), 64, (16, 8)),
+}
+QUICK_MODELS = {
+    "mlp": (dict(width=32, depth=2, d_in=16), 32, (8,)),
+    "cnn": (dict(channels=(4, 8), image=8), 16, (8,)),
+    "transformer": (dict(d_model=16, heads=2, seq=8), 16, (8,)),
+}
+
+
+def _model(name, kwargs, batch, seed=0):
+  """``(params, loss(params, (x, y)), (x, y))`` for one model of the sweep."""
+  from benchmarks import step_time  # pylint: disable=import-outside-toplevel
+  if name == "mlp":
+    kw = {"width": 512, "depth": 2, "d_in": 256, **kwargs}
+    params = make_mlp(kw["width"], kw["depth"], kw["d_in"], 10, seed)
+    shape, fn = (kw["d_in"],), loss
+  else:
+    params, apply, shape = step_time.MODELS[name](
+        jax.random.key(seed), jnp.float32, **kwargs)
+
+    def fn(params, chunk):
+      x, y = chunk
+      logits = apply(params, x).astype(jnp.float32)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  rng = np.random.default_rng(seed)
+  data = (jnp.asarray(rng.normal(size=(batch,) + shape), jnp.float32),
+          jnp.asarray(rng.integers(0, 10, size=(batch,)), jnp.int32))
+  return params, fn, data
+
+
+def in_device_steps(fn, ms, loops):
+  """``{(label, m, loop): (tx, jitted step)}``: SGD, SAM, and SAM with ``m``.
+
+  For every ``(m, loop)`` there is also ``sgd-groups``: SGD whose gradient is
+  the mean of the per-group gradients, computed with the same loop (one pass
+  over the same groups), to price that pass on its own.
+  """
+  sgd = base()
+
+  def sgd_step(params, state, batch):
+    updates, state = sgd.update(jax.grad(fn)(params, batch), state, params)
+    return optax.apply_updates(params, updates), state
+
+  sam = sam_optax.sam(base(), RHO)
+
+  def sam_step(params, state, batch):
+    loss_fn = lambda p: fn(p, batch)
+    updates, state = sam.update(jax.grad(loss_fn)(params), state, params,
+                                loss_fn=loss_fn)
+    return optax.apply_updates(params, updates), state
+
+  steps = {("sgd", None, None): (sgd, sgd_step),
+           ("sam", None, None): (sam, sam_step)}
+  for m in ms:
+    for loop in loops:
+      tx = sam_optax.sam(base(), RHO, m=m, group_loop=loop)
+      value_and_grads = sam_optax.group_value_and_grad(fn, m, group_loop=loop)
+
+      def m_step(params, state, batch, tx=tx, value_and_grads=value_and_grads):
+        _, grads, group_grads = value_and_grads(params, batch)
+        updates, state = tx.update(grads, state, params, loss_fn=fn,
+                                   batch=batch, group_grads=group_grads)
+        return optax.apply_updates(params, updates), state
+
+      def groups_step(params, state, batch, value_and_grads=value_and_grads):
+        _, grads, _ = value_and_grads(params, batch)
+        updates, state = sgd.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+      steps[("sam", m, loop)] = (tx, m_step)
+      steps[("sgd-groups", m, loop)] = (sgd, groups_step)
+  return {k: (tx, jax.jit(f)) for k, (tx, f) in steps.items()}
+
+
+def run_in_device(args):
+  """Times every model's in-device steps; rows as in :func:`run`, per model."""
+  models = QUICK_MODELS if args.quick else IN_DEVICE_MODELS
+  results = {}
+  for name in args.models:
+    kwargs, batch, ms = models[name]
+    params, fn, data = _model(name, kwargs, batch)
+    cases, rows = {}, {}
+    for key, (tx, step) in in_device_steps(fn, ms, args.loops).items():
+      state = tx.init(params)
+      compiled = step.lower(params, state, data).compile()
+      cost = compiled.cost_analysis()
+      cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+      rows[key] = {"flops": float(cost.get("flops", float("nan"))),
+                   "temp": compiled.memory_analysis().temp_size_in_bytes,
+                   "times": []}
+      cases[key] = (step, (params, state, data))
+      jax.block_until_ready(step(params, state, data))
+      jax.block_until_ready(step(params, state, data))
+    for _ in range(args.in_device_rounds):
+      for key, (step, a) in cases.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(*a))
+        rows[key]["times"].append(time.perf_counter() - t0)
+    sgd = rows[("sgd", None, None)]
+    for row in rows.values():
+      row["ms"] = 1e3 * statistics.median(row["times"])
+      row["min_ms"] = 1e3 * min(row["times"])
+    for (label, m, loop), row in rows.items():
+      row["ratio"] = row["ms"] / sgd["ms"]
+      row["min_ratio"] = row["min_ms"] / sgd["min_ms"]
+      row["flops_ratio"] = row["flops"] / sgd["flops"]
+      row["temp_ratio"] = row["temp"] / max(sgd["temp"], 1)
+      if label == "sam" and m is not None:
+        groups = rows[("sgd-groups", m, loop)]
+        row["groups_ratio"] = row["ms"] / groups["ms"]
+    n_params = sum(a.size for a in jax.tree.leaves(params))
+    results[name] = {"batch": batch, "params": n_params, "rows": rows,
+                     "kwargs": kwargs}
+  return results
+
+
+def _in_device_lines(results, args) -> list[str]:
+  lines = [
+      "## In-device m-sharpness across models and group loops",
+      "",
+      "One device, per-group gradients from `sam_optax.group_value_and_grad` "
+      "passed as `group_grads=` (two passes). `group_loop`: `vmap` runs all "
+      "groups in one vectorized pass (every weight becomes b/m copies: batched "
+      "matmuls, grouped convolutions), `unroll` one group after another as "
+      "straight-line code, `scan` one group after another in a loop (one "
+      "perturbed copy alive). `× SGD` is the SAM step's time over the plain "
+      "SGD step's (`jax.grad` of the whole batch), median over "
+      f"{args.in_device_rounds} interleaved rounds (and min over min); "
+      "`× SGD over groups` divides by an SGD step that takes one pass over the "
+      "same groups with the same loop. `temp` is XLA's compiled temp memory "
+      "(`memory_analysis()`); `FLOPs` is XLA's cost analysis, which counts a "
+      "loop body once (so none for `scan`).",
+      "",
+      "| model | batch | m | group_loop | FLOPs × SGD | temp × SGD "
+      "| median ms / step | × SGD (median) | × SGD (min) | × SGD over groups |",
+      "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+  ]
+  for name, res in results.items():
+    for (label, m, loop), row in res["rows"].items():
+      if label == "sgd-groups":
+        continue
+      what = "— (SGD)" if label == "sgd" else ("batch (plain SAM)" if m is None else m)
+      # XLA's cost analysis counts a loop body once: no FLOPs for `scan`.
+      flops = "n/a" if loop == "scan" else f"{row['flops_ratio']:.2f}"
+      groups = f"{row['groups_ratio']:.2f}" if "groups_ratio" in row else "—"
+      lines.append(
+          f"| {name} | {res['batch']} | {what} | {loop or '—'} | {flops} "
+          f"| {row['temp_ratio']:.2f} | {row['ms']:.2f} | {row['ratio']:.2f} "
+          f"| {row['min_ratio']:.2f} | {groups} |")
+  lines += ["", "Models: " + "; ".join(
+      f"{name} ({res['params']:,} params{', ' if res['kwargs'] else ''}"
+      f"{', '.join(f'{k}={v}' for k, v in res['kwargs'].items())})"
+      for name, res in results.items()) + ".", ""]
+  best = []
+  for name, res in results.items():
+    for m in sorted({m for (label, m, _) in res["rows"] if m is not None}, reverse=True):
+      cands = [(row["ratio"], loop) for (label, mm, loop), row in res["rows"].items()
+               if label == "sam" and mm == m]
+      ratio, loop = min(cands)
+      best.append(f"{name} m={m}: {ratio:.2f}× ({loop})")
+  lines += ["Fastest group loop per model and m, × SGD (median): "
+            + "; ".join(best) + ".", ""]
+  return lines
+
+
 # --- Timing ----------------------------------------------------------------------
 
 
@@ -270,7 +449,7 @@ def _pass_lines(rows) -> list[str]:
   return out
 
 
-def write(params, rows, args) -> str:
+def write(params, rows, args, in_device=None) -> str:
   n_params = sum(a.size for a in jax.tree.leaves(params))
   lines = [
       "# m-sharpness at every scale: all-reduces and step time",
@@ -312,8 +491,7 @@ def write(params, rows, args) -> str:
       "long sequences) do far more FLOPs per param. The `sgd, one vectorized "
       "pass` rows price one pass over the groups.",
       "",
-  ] + _pass_lines(rows) + [
-      "",
+  ] + _pass_lines(rows) + [""] + (_in_device_lines(in_device, args) if in_device else []) + [
       f"Environment: {environment()}. Host load average (1 min) "
       f"{args.load[0]:.1f} before and {args.load[1]:.1f} after the run: the "
       "8 simulated devices share the host's cores with whatever else runs, "
@@ -339,6 +517,22 @@ def write(params, rows, args) -> str:
                   f"{row['ms']:.4f}", f"{row['ratio']:.4f}",
                   f"{row['min_ms']:.4f}", f"{row['min_ratio']:.4f}",
                   row["baseline"], args.rounds])
+  if in_device:
+    with open(os.path.join(args.out_dir, "distributed_in_device.csv"), "w",
+              newline="") as f:
+      w = csv.writer(f)
+      w.writerow(["model", "batch", "params", "step", "m", "group_loop",
+                  "flops_ratio_to_sgd", "temp_bytes", "temp_ratio_to_sgd",
+                  "median_ms_per_step", "median_ratio_to_sgd",
+                  "min_ratio_to_sgd", "ratio_to_sgd_over_groups", "rounds"])
+      for name, res in in_device.items():
+        for (label, m, loop), row in res["rows"].items():
+          w.writerow([name, res["batch"], res["params"], label, m or "", loop or "",
+                      f"{row['flops_ratio']:.4f}", row["temp"],
+                      f"{row['temp_ratio']:.4f}", f"{row['ms']:.4f}",
+                      f"{row['ratio']:.4f}", f"{row['min_ratio']:.4f}",
+                      f"{row['groups_ratio']:.4f}" if "groups_ratio" in row else "",
+                      args.in_device_rounds])
   return text
 
 
@@ -349,19 +543,36 @@ def main(argv=None):
   parser.add_argument("--d-in", type=int, default=256)
   parser.add_argument("--classes", type=int, default=10)
   parser.add_argument("--per-device-batch", type=int, default=256)
-  parser.add_argument("--m", type=int, nargs="*", default=[128, 64, 32])
+  parser.add_argument("--m", type=int, nargs="*", default=[64],
+                      help="in-device m for the MLP rows of the first table")
   parser.add_argument("--no-group-grads-m", type=int, default=64)
   parser.add_argument("--shard-map-m", type=int, nargs="*", default=[64])
   parser.add_argument("--rounds", type=int, default=50)
+  parser.add_argument("--models", nargs="*", default=list(IN_DEVICE_MODELS),
+                      choices=list(IN_DEVICE_MODELS),
+                      help="models of the in-device m table (none: skip it)")
+  parser.add_argument("--loops", nargs="+", default=["vmap", "unroll", "scan"],
+                      choices=["vmap", "unroll", "scan"],
+                      help="group loops of the in-device m table")
+  parser.add_argument("--in-device-rounds", type=int, default=30)
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny models and few rounds: a smoke run")
   parser.add_argument("--out-dir", default=RESULTS_DIR)
   args = parser.parse_args(argv)
-  if args.rounds < 20:
-    parser.error("--rounds must be at least 20 (the median of >= 20 steps)")
+  if args.quick:
+    args.rounds, args.in_device_rounds = 3, 3
+  elif min(args.rounds, args.in_device_rounds) < 20:
+    parser.error("--rounds and --in-device-rounds must be at least 20 (the "
+                 "median of >= 20 steps); use --quick for a smoke run")
   args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
   load_before = os.getloadavg()[0]
+  if args.quick:
+    args.width, args.d_in, args.per_device_batch = 32, 16, 16
+    args.m, args.no_group_grads_m, args.shard_map_m = [8], 8, [8]
   params, rows = run(args)
+  in_device = run_in_device(args) if args.models else None
   args.load = (load_before, os.getloadavg()[0])
-  print(write(params, rows, args))
+  print(write(params, rows, args, in_device))
 
 
 if __name__ == "__main__":

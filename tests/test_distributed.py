@@ -334,7 +334,7 @@ def test_exactly_one_all_reduce_per_step(kind):
 # --- Inside one device (m=) ----------------------------------------------------
 
 
-def _m_step(tx, m, *, supply_group_grads=True, has_aux=False):
+def _m_step(tx, m, *, supply_group_grads=True, has_aux=False, group_loop="vmap"):
   loss = helpers.mlp_loss
   if has_aux:
     loss = lambda p, c: (helpers.mlp_loss(p, c), {"n": c[0].shape[0]})
@@ -343,7 +343,7 @@ def _m_step(tx, m, *, supply_group_grads=True, has_aux=False):
   def step(params, state, batch):
     if supply_group_grads:
       value, grads, group_grads = sam_optax.group_value_and_grad(
-          loss, m, has_aux=has_aux)(params, batch)
+          loss, m, has_aux=has_aux, group_loop=group_loop)(params, batch)
       updates, state = tx.update(grads, state, params, loss_fn=loss,
                                  batch=batch, group_grads=group_grads)
     else:
@@ -356,13 +356,15 @@ def _m_step(tx, m, *, supply_group_grads=True, has_aux=False):
   return step
 
 
+@pytest.mark.parametrize("group_loop", ["vmap", "scan", "unroll"])
 @pytest.mark.parametrize("supply_group_grads", [True, False])
 @pytest.mark.parametrize("has_aux", [False, True])
-def test_in_device_m_matches_group_reference(supply_group_grads, has_aux):
+def test_in_device_m_matches_group_reference(supply_group_grads, has_aux, group_loop):
   params = helpers.mlp_params()
   x, y = _data(16)
-  tx = _sam(m=4, has_aux=has_aux)
-  step = _m_step(tx, 4, supply_group_grads=supply_group_grads, has_aux=has_aux)
+  tx = _sam(m=4, has_aux=has_aux, group_loop=group_loop)
+  step = _m_step(tx, 4, supply_group_grads=supply_group_grads, has_aux=has_aux,
+                 group_loop=group_loop)
   p, s = params, tx.init(params)
   ref = np_group_sam_sgd_trajectory(params, _groups(x, y, 4), rho=RHO, lr=LR,
                                     momentum=MOMENTUM, steps=5)
@@ -395,11 +397,12 @@ def test_m_equal_to_batch_is_plain_sam():
     helpers.assert_trees_close(p, q)
 
 
-def test_group_value_and_grad_equals_full_batch_value_and_grad():
+@pytest.mark.parametrize("group_loop", ["vmap", "scan", "unroll"])
+def test_group_value_and_grad_equals_full_batch_value_and_grad(group_loop):
   params = helpers.mlp_params()
   x, y = _data(16)
-  value, grads, group_grads = jax.jit(
-      sam_optax.group_value_and_grad(helpers.mlp_loss, 4))(params, (x, y))
+  value, grads, group_grads = jax.jit(sam_optax.group_value_and_grad(
+      helpers.mlp_loss, 4, group_loop=group_loop))(params, (x, y))
   v, g = helpers.np_mlp_loss_and_grad(helpers.np_tree(params), np.float64(x), y)
   np.testing.assert_allclose(value, v, atol=1e-6)
   helpers.assert_trees_close(grads, g)
@@ -408,11 +411,12 @@ def test_group_value_and_grad_equals_full_batch_value_and_grad():
     helpers.assert_trees_close(jax.tree.map(lambda a: a[k], group_grads), g_k)
 
 
-def _shard_map_m_step(tx, mesh, m, axis="d"):
+def _shard_map_m_step(tx, mesh, m, axis="d", group_loop="vmap"):
 
   def step(params, state, batch):
     w = sam_optax.per_device(params, axis)
-    _, grads, group_grads = sam_optax.group_value_and_grad(helpers.mlp_loss, m)(w, batch)
+    _, grads, group_grads = sam_optax.group_value_and_grad(
+        helpers.mlp_loss, m, group_loop=group_loop)(w, batch)
     updates, state = tx.update(grads, state, params, loss_fn=helpers.mlp_loss,
                                batch=batch, group_grads=group_grads)
     return optax.apply_updates(params, updates), state
@@ -421,12 +425,13 @@ def _shard_map_m_step(tx, mesh, m, axis="d"):
                                out_specs=(P(), P())))
 
 
-def test_four_devices_times_in_device_m():
+@pytest.mark.parametrize("group_loop", ["vmap", "scan", "unroll"])
+def test_four_devices_times_in_device_m(group_loop):
   params = helpers.mlp_params()
   x, y = _data(32)
   mesh = _mesh(4)
-  tx = _sam(axis_name="d", m=2)
-  step = _shard_map_m_step(tx, mesh, m=2)
+  tx = _sam(axis_name="d", m=2, group_loop=group_loop)
+  step = _shard_map_m_step(tx, mesh, m=2, group_loop=group_loop)
   batch = jax.device_put((x, y), NamedSharding(mesh, P("d")))
   p, s = params, tx.init(params)
   ref = np_group_sam_sgd_trajectory(params, _groups(x, y, 2), rho=RHO, lr=LR,
@@ -492,6 +497,73 @@ def _update_m(tx, loss_fn=helpers.mlp_loss, **kw):
   params = helpers.mlp_params()
   grads = jax.tree.map(jnp.zeros_like, params)
   return tx.update(grads, tx.init(params), params, loss_fn=loss_fn, **kw)
+
+
+def _compiled_text(step, *args):
+  return step.lower(*args).compile().as_text()
+
+
+def test_group_loops_compile_to_what_they_say():
+  # 'vmap' and 'unroll' are straight-line code; 'scan' keeps one loop whose
+  # body holds one group's perturbed params, not b/m of them.
+  params = helpers.mlp_params()
+  batch = _data(16)
+  texts = {}
+  for loop in ("vmap", "scan", "unroll"):
+    tx = _sam(m=4, group_loop=loop)
+    texts[loop] = _compiled_text(_m_step(tx, 4, group_loop=loop), params,
+                                 tx.init(params), batch)
+  assert " while(" not in texts["vmap"] and " while(" not in texts["unroll"]
+  assert " while(" in texts["scan"]
+
+
+def test_scan_loop_holds_one_perturbed_copy_at_a_time():
+  # The second pass's memory: b/m perturbed copies (and their gradients)
+  # under 'vmap', one under 'scan'. Compiled temp memory, per-group
+  # gradients supplied (b/m of them are inputs either way).
+  params = helpers.mlp_params(sizes=(4, 512, 3))
+  batch = _data(32)
+  temp = {}
+  for loop in ("vmap", "scan"):
+    tx = sam_optax.sharpness_aware(rho=RHO, m=2, group_loop=loop)
+    gvg = sam_optax.group_value_and_grad(helpers.mlp_loss, 2)
+    _, grads, gg = gvg(params, batch)
+
+    def update(params, state, batch, gg, grads=grads, tx=tx):
+      return tx.update(grads, state, params, loss_fn=helpers.mlp_loss,
+                       batch=batch, group_grads=gg)
+
+    mem = jax.jit(update).lower(params, tx.init(params), batch, gg).compile()
+    temp[loop] = mem.memory_analysis().temp_size_in_bytes
+  copy = 4 * sum(a.size for a in jax.tree.leaves(params))
+  # 16 groups: vmap holds >= 16 perturbed copies; scan a few params-sized buffers.
+  assert temp["vmap"] >= 16 * copy, (temp, copy)
+  assert temp["scan"] <= 4 * copy, (temp, copy)
+
+
+def test_scan_loop_keeps_bf16_dtypes():
+  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), helpers.mlp_params())
+  x, y = _data(16)
+  batch = (x.astype(jnp.bfloat16), y)
+  outs = {}
+  for loop in ("vmap", "scan"):
+    tx = _sam(m=4, group_loop=loop)
+    p, s = _m_step(tx, 4, group_loop=loop)(params, tx.init(params), batch)
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(p))
+    outs[loop] = p
+  # Accumulation order differs; bf16 rounding allows one ulp-ish difference.
+  for a, b in zip(jax.tree.leaves(outs["vmap"]), jax.tree.leaves(outs["scan"])):
+    np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("factory", ["sam", "asam", "group_value_and_grad"])
+def test_unknown_group_loop_is_a_clear_error(factory):
+  with pytest.raises(ValueError, match=r"group_loop='pmap'\)`: unknown way to run "
+                     r"over the groups.*'vmap'.*'scan'.*'unroll'"):
+    if factory == "group_value_and_grad":
+      sam_optax.group_value_and_grad(helpers.mlp_loss, 4, group_loop="pmap")
+    else:
+      getattr(sam_optax, factory)(optax.sgd(0.1), m=4, group_loop="pmap")
 
 
 def test_m_must_divide_batch():

@@ -20,6 +20,7 @@ def sharpness_aware(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     m: Optional[int] = None,
+    group_loop: str = "vmap",
     mask: Any = None,
     rho_scale: Any = None,
     track_cosine: bool = False,
@@ -64,8 +65,15 @@ def sharpness_aware(
       then needs ``batch=`` and calls ``loss_fn(params, chunk)`` per group.
       Pass ``group_grads=`` from :func:`sam_optax.group_value_and_grad` to
       keep a step at two passes (otherwise the per-group gradients are
-      recomputed). Memory: b/m perturbed copies of the params. Structural,
-      like ``p``.
+      recomputed). Memory: b/m perturbed copies of the params (one with
+      ``group_loop='scan'``). Structural, like ``p``.
+    group_loop: with ``m``, how the groups are run: ``'vmap'`` (default; all
+      groups in one vectorized pass), ``'scan'`` (one group at a time in a
+      ``jax.lax.scan``: one perturbed copy alive, for large models) or
+      ``'unroll'`` (one group at a time as straight-line code: compile time
+      grows with b/m; on XLA:CPU the fastest for convolutions). The same
+      math either way; pass the same value to
+      :func:`sam_optax.group_value_and_grad`.
     mask: pytree of bools like params (or ``params -> pytree``); only True
       leaves are perturbed, and ε is normalized over them alone.
     rho_scale: per-leaf ρ: a pytree of non-negative numbers like params (or
@@ -109,8 +117,9 @@ def sharpness_aware(
   """
   return _normalized_block("sam_optax.sharpness_aware", rho, p=p,
                            normalize=normalize, has_aux=has_aux,
-                           axis_name=axis_name, m=m, mask=mask,
-                           rho_scale=rho_scale, track_cosine=track_cosine)
+                           axis_name=axis_name, m=m, group_loop=group_loop,
+                           mask=mask, rho_scale=rho_scale,
+                           track_cosine=track_cosine)
 
 
 def _normalized_block(name, rho, *, p, normalize, **options):
@@ -128,6 +137,7 @@ def sam(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     m: Optional[int] = None,
+    group_loop: str = "vmap",
     mask: Any = None,
     rho_scale: Any = None,
     track_cosine: bool = False,
@@ -148,8 +158,8 @@ def sam(
       a chain, ...).
     rho: the radius ρ ≥ 0 (float or schedule); ``rho=0`` gives exactly
       ``base_optimizer``.
-    p, normalize, has_aux, axis_name, m, mask, rho_scale, track_cosine: as in
-      :func:`sharpness_aware`.
+    p, normalize, has_aux, axis_name, m, group_loop, mask, rho_scale,
+      track_cosine: as in :func:`sharpness_aware`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs
@@ -180,7 +190,8 @@ def sam(
   """
   return optax.chain(
       _normalized_block("sam_optax.sam", rho, p=p, normalize=normalize,
-                        has_aux=has_aux, axis_name=axis_name, m=m, mask=mask,
-                        rho_scale=rho_scale, track_cosine=track_cosine),
+                        has_aux=has_aux, axis_name=axis_name, m=m,
+                        group_loop=group_loop, mask=mask, rho_scale=rho_scale,
+                        track_cosine=track_cosine),
       base_optimizer,
   )

@@ -149,6 +149,7 @@ def sharpness_aware_transform(
     mask: Any = None,
     track_cosine: bool = False,
     rho_scale: Any = None,
+    group_loop: str = "vmap",
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a sharpness-aware chain block from a :class:`PerturbationRule`.
 
@@ -180,6 +181,11 @@ def sharpness_aware_transform(
     rho_scale: per-leaf ρ: a pytree of numbers ≥ 0 like params (or
       ``params -> pytree``); leaf ``l`` is perturbed by ``ρ · s_l · d_l``
       where ``d`` is the rule's unit direction (over the ``mask``).
+    group_loop: with ``m``, how the second pass runs over the groups:
+      ``'vmap'`` (one vectorized pass; ``b / m`` perturbed copies alive),
+      ``'scan'`` (one group at a time in a loop; one perturbed copy alive) or
+      ``'unroll'`` (one group at a time, unrolled). The same math; see
+      :func:`sam_optax.group_value_and_grad`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -199,6 +205,7 @@ def sharpness_aware_transform(
           f"`{name}(m={m})`: this method keeps state across steps and cannot "
           "give each group of examples its own perturbation. Drop `m`, or use "
           "`axis_name` for one perturbation per device.")
+  distributed.check_group_loop(name, group_loop)
   if axis_name is not None and not isinstance(axis_name, (str, tuple)):
     raise TypeError(
         f"`{name}(axis_name={axis_name!r})`: expected a mapped axis name (a "
@@ -287,13 +294,17 @@ def sharpness_aware_transform(
         if g_groups is None:
           # Not supplied (see `group_value_and_grad`): one extra pass.
           w = params if axis_name is None else distributed.as_varying(params, axis_name)
-          g_groups = jax.vmap(jax.grad(lambda p, c: f(p, c)[0]), in_axes=(None, 0))(
-              w, chunks)
-        losses, g_ps, eps_norms, _ = jax.vmap(
-            perturbed_grad, in_axes=(0, 0, None))(g_groups, chunks, rule_state)
-        loss_p = jnp.mean(losses)
-        g_p = distributed.group_mean(g_ps)
-        eps_norm = jnp.mean(eps_norms)
+          grad = jax.grad(lambda p, c: f(p, c)[0])
+          g_groups = distributed.map_groups(
+              lambda chunk: grad(w, chunk), chunks, group_loop)
+
+        def one_group(xs):
+          g_k, chunk = xs
+          loss_k, g_p_k, eps_norm_k, _ = perturbed_grad(g_k, chunk, rule_state)
+          return loss_k, g_p_k, eps_norm_k
+
+        loss_p, g_p, eps_norm = distributed.mean_over_groups(
+            one_group, (g_groups, chunks), group_loop, axis_name)
       g_norm = numerics.tree_norm(grads)
       dot = (numerics.tree_vdot(grads, g_p) if track_cosine
              else jnp.full((), jnp.nan, jnp.float32))

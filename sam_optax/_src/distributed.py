@@ -299,6 +299,64 @@ def check_group_grads(name: str, group_grads, params, b: int, m: int) -> None:
               f"expected {want}"))
 
 
+GROUP_LOOPS = ("vmap", "scan", "unroll")
+
+BAD_GROUP_LOOP = (
+    "`{name}(group_loop={loop!r})`: unknown way to run over the groups of m "
+    "examples. Use 'vmap' (all groups in one vectorized pass; the default), "
+    "'scan' (one group at a time in a loop: memory of one perturbed copy of "
+    "the params) or 'unroll' (one group at a time, unrolled into the "
+    "compiled program)."
+)
+
+
+def check_group_loop(name: str, group_loop) -> str:
+  """Returns ``group_loop`` if it names a known loop; raises clearly otherwise."""
+  if not isinstance(group_loop, str) or group_loop not in GROUP_LOOPS:
+    raise ValueError(BAD_GROUP_LOOP.format(name=name, loop=group_loop))
+  return group_loop
+
+
+def map_groups(fn, xs, group_loop: str):
+  """``fn`` on every slice of ``xs`` along the leading axis, outputs stacked.
+
+  ``'vmap'`` vectorizes over the groups; ``'scan'`` and ``'unroll'`` run one
+  group at a time (``jax.lax.scan``, rolled or fully unrolled).
+  """
+  if group_loop == "vmap":
+    return jax.vmap(fn)(xs)
+  _, ys = jax.lax.scan(lambda carry, x: (carry, fn(x)), None, xs,
+                       unroll=group_loop == "unroll")
+  return ys
+
+
+def mean_over_groups(fn, xs, group_loop: str, axis_name=None):
+  """The mean over groups of ``fn(x)`` for every slice ``x`` of ``xs``.
+
+  With ``'vmap'`` every group's output is materialized and then averaged
+  (:func:`group_mean`); with ``'scan'``/``'unroll'`` the outputs are summed
+  into a float32 accumulator one group at a time, so only one group's output
+  (its perturbed params and gradient, in the second pass) is alive at once.
+  Outputs keep their dtype. ``axis_name``: the mapped axis the outputs vary
+  over, if any (the accumulator is typed to match under ``shard_map``).
+  """
+  if group_loop == "vmap":
+    return group_mean(jax.vmap(fn)(xs))
+  k = jax.tree.leaves(xs)[0].shape[0]
+  first = jax.tree.map(lambda x: x[0], xs)
+  shapes = jax.eval_shape(fn, first)
+  acc = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+  if axis_name is not None:
+    acc = as_varying(acc, axis_name)
+
+  def body(acc, x):
+    out = fn(x)
+    return jax.tree.map(lambda a, o: a + o.astype(jnp.float32), acc, out), None
+
+  acc, _ = jax.lax.scan(body, acc, xs, unroll=group_loop == "unroll")
+  return jax.tree.map(lambda a, s: (a / k).astype(s.dtype), acc, shapes)
+
+
 def group_mean(tree):
   """Mean over the leading (group) axis of every leaf, in the leaf's dtype.
 
@@ -322,6 +380,7 @@ def group_value_and_grad(
     m: int,
     *,
     has_aux: bool = False,
+    group_loop: str = "vmap",
 ) -> Callable[..., tuple[Any, Any, Any]]:
   r"""Loss, gradient and per-group gradients for in-device m-sharpness, in one pass.
 
@@ -352,6 +411,10 @@ def group_value_and_grad(
     m: examples per perturbation, a positive integer dividing the batch size.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``aux`` is then
       returned stacked over groups (leading axis ``b // m``).
+    group_loop: how to run over the groups: ``'vmap'`` (default; one
+      vectorized pass), ``'scan'`` (one group at a time in a
+      ``jax.lax.scan``) or ``'unroll'`` (one group at a time, unrolled into
+      the compiled program). The result is the same; see the note below.
 
   Returns:
     A function ``(params, batch) -> (value, grads, group_grads)``: ``value``
@@ -390,6 +453,18 @@ def group_value_and_grad(
     ``m``. If it does not fit, raise ``m``, or lower the per-device batch and
     spread the batch over more devices (``axis_name``), where each device's
     groups cost memory only on that device.
+
+    ``group_loop`` (here and in the transforms) trades these off. ``'vmap'``
+    turns every weight into ``b // m`` copies inside one pass (batched
+    matmuls, grouped convolutions): one kernel launch per layer, best on
+    accelerators for dense layers. ``'scan'`` runs the groups one after
+    another, so the transform's second pass holds one perturbed copy at a
+    time (memory of about one params-sized buffer instead of ``b // m``),
+    at the price of a sequential loop. ``'unroll'`` also runs them one after
+    another, as straight-line code: compile time and program size grow with
+    ``b // m``. On XLA:CPU, convolutions run far faster unrolled than either
+    vectorized over groups or inside a loop (see
+    ``benchmarks/results/distributed.md``).
   """
   if isinstance(m, bool) or not isinstance(m, int) or m < 1:
     raise ValueError(
@@ -397,12 +472,13 @@ def group_value_and_grad(
         "examples per perturbation and must be a positive integer.")
   name = "sam_optax.group_value_and_grad"
   check_loss_fn_arity(name, loss_fn, m)
+  check_group_loop(name, group_loop)
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
   def value_and_grads(params, batch):
     chunks = split_batch(name, batch, m)
-    value, group_grads = jax.vmap(
-        jax.value_and_grad(loss_fn, has_aux=has_aux),
-        in_axes=(None, 0))(params, chunks)
+    value, group_grads = map_groups(
+        lambda chunk: value_and_grad(params, chunk), chunks, group_loop)
     if has_aux:
       losses, aux = value
       value = (jnp.mean(losses), aux)

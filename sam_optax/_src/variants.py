@@ -92,11 +92,12 @@ def check_k(name: str, k: Any) -> int:
   return int(k)
 
 
-def _block(name, rule, rho, *, has_aux, axis_name, m, mask, track_cosine,
-           rho_scale):
+def _block(name, rule, rho, *, has_aux, axis_name, m, group_loop, mask,
+           track_cosine, rho_scale):
   return core.sharpness_aware_transform(
       rule, rho, name=name, has_aux=has_aux, axis_name=axis_name, m=m,
-      mask=mask, track_cosine=track_cosine, rho_scale=rho_scale)
+      group_loop=group_loop, mask=mask, track_cosine=track_cosine,
+      rho_scale=rho_scale)
 
 
 # --- ASAM ---------------------------------------------------------------------
@@ -121,6 +122,7 @@ def adaptive_sharpness_aware(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     m: Optional[int] = None,
+    group_loop: str = "vmap",
     mask: Any = None,
     track_cosine: bool = False,
     rho_scale: Any = None,
@@ -151,7 +153,7 @@ def adaptive_sharpness_aware(
       (biases, normalization scales). ``'all'``: :math:`|w| + \eta` on every
       leaf. ``'abs'``: :math:`|w|` on every leaf, no η (``davda54/sam`` with
       ``adaptive=True``). Structural.
-    has_aux, axis_name, m, mask, track_cosine: as in
+    has_aux, axis_name, m, group_loop, mask, track_cosine: as in
       :func:`sharpness_aware`. Stateless:
       works per device (``axis_name``) and per group of ``m`` examples.
     rho_scale: per-leaf ρ: a pytree of numbers ≥ 0 like params (or
@@ -195,7 +197,7 @@ def adaptive_sharpness_aware(
   """
   name = "sam_optax.adaptive_sharpness_aware"
   return _block(name, _asam_rule(name, eta, operator), rho, has_aux=has_aux,
-                axis_name=axis_name, m=m, mask=mask,
+                axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale)
 
 
@@ -208,6 +210,7 @@ def asam(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     m: Optional[int] = None,
+    group_loop: str = "vmap",
     mask: Any = None,
     track_cosine: bool = False,
     rho_scale: Any = None,
@@ -225,7 +228,7 @@ def asam(
     base_optimizer: any optax transformation.
     rho: the radius ρ ≥ 0; default 0.5 (the paper's CIFAR-10 value).
     eta: η ≥ 0; default 0.01.
-    operator, has_aux, axis_name, m, mask, track_cosine, rho_scale: as in
+    operator, has_aux, axis_name, m, group_loop, mask, track_cosine, rho_scale: as in
       :func:`adaptive_sharpness_aware`.
 
   Returns:
@@ -257,7 +260,7 @@ def asam(
   name = "sam_optax.asam"
   return optax.chain(
       _block(name, _asam_rule(name, eta, operator), rho, has_aux=has_aux,
-             axis_name=axis_name, m=m, mask=mask,
+             axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale),
       base_optimizer)
 
@@ -277,6 +280,7 @@ def fisher_sharpness_aware(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     m: Optional[int] = None,
+    group_loop: str = "vmap",
     mask: Any = None,
     track_cosine: bool = False,
     rho_scale: Any = None,
@@ -299,7 +303,7 @@ def fisher_sharpness_aware(
     rho: the radius ρ ≥ 0 (the paper's γ); default 0.1, the paper's setting.
     eta: η ≥ 0, the weight of the Fisher term; default 1.0, the paper's
       setting (η = 0 is SAM).
-    has_aux, axis_name, m, mask, track_cosine: as in
+    has_aux, axis_name, m, group_loop, mask, track_cosine: as in
       :func:`sharpness_aware`. Stateless:
       works per device (``axis_name``) and per group of ``m`` examples (each
       uses its own gradient for ``f``).
@@ -338,7 +342,7 @@ def fisher_sharpness_aware(
   """
   name = "sam_optax.fisher_sharpness_aware"
   return _block(name, _fisher_rule(name, eta), rho, has_aux=has_aux,
-                axis_name=axis_name, m=m, mask=mask,
+                axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale)
 
 
@@ -350,6 +354,7 @@ def fisher_sam(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     m: Optional[int] = None,
+    group_loop: str = "vmap",
     mask: Any = None,
     track_cosine: bool = False,
     rho_scale: Any = None,
@@ -367,7 +372,7 @@ def fisher_sam(
     base_optimizer: any optax transformation.
     rho: the radius ρ ≥ 0; default 0.1.
     eta: η ≥ 0; default 1.0.
-    has_aux, axis_name, m, mask, track_cosine, rho_scale: as in
+    has_aux, axis_name, m, group_loop, mask, track_cosine, rho_scale: as in
       :func:`fisher_sharpness_aware`.
 
   Returns:
@@ -398,7 +403,7 @@ def fisher_sam(
   name = "sam_optax.fisher_sam"
   return optax.chain(
       _block(name, _fisher_rule(name, eta), rho, has_aux=has_aux,
-             axis_name=axis_name, m=m, mask=mask,
+             axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale),
       base_optimizer)
 
@@ -493,6 +498,7 @@ def gap_guided_sharpness_aware(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     m: Optional[int] = None,
+    group_loop: str = "vmap",
     mask: Any = None,
     track_cosine: bool = False,
     rho_scale: Any = None,
@@ -519,7 +525,7 @@ def gap_guided_sharpness_aware(
       Default 0.05.
     alpha: α ≥ 0, the strength of the gap ascent; α = 0 is SAM. Default 0.1
       (the paper searches 0.01–0.3 for ResNets and uses 0.6 for ViT-B/32).
-    has_aux, axis_name, m, mask, track_cosine: as in
+    has_aux, axis_name, m, group_loop, mask, track_cosine: as in
       :func:`sharpness_aware`. Works with
       ``axis_name``: ``g`` and ``g_p`` are averaged over devices (one
       all-reduce) before the decomposition.
@@ -559,7 +565,7 @@ def gap_guided_sharpness_aware(
   """
   name = "sam_optax.gap_guided_sharpness_aware"
   return _block(name, _gsam_rule(name, alpha), rho, has_aux=has_aux,
-                axis_name=axis_name, m=m, mask=mask,
+                axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale)
 
 
@@ -571,6 +577,7 @@ def gsam(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     m: Optional[int] = None,
+    group_loop: str = "vmap",
     mask: Any = None,
     track_cosine: bool = False,
     rho_scale: Any = None,
@@ -588,7 +595,7 @@ def gsam(
     base_optimizer: any optax transformation.
     rho: the radius ρ ≥ 0 or a schedule (see :func:`rho_from_learning_rate`).
     alpha: α ≥ 0; default 0.1.
-    has_aux, axis_name, m, mask, track_cosine, rho_scale: as in
+    has_aux, axis_name, m, group_loop, mask, track_cosine, rho_scale: as in
       :func:`gap_guided_sharpness_aware`.
 
   Returns:
@@ -622,7 +629,7 @@ def gsam(
   name = "sam_optax.gsam"
   return optax.chain(
       _block(name, _gsam_rule(name, alpha), rho, has_aux=has_aux,
-             axis_name=axis_name, m=m, mask=mask,
+             axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale),
       base_optimizer)
 
@@ -641,6 +648,7 @@ def gradient_norm_penalty(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     m: Optional[int] = None,
+    group_loop: str = "vmap",
     mask: Any = None,
     track_cosine: bool = False,
     rho_scale: Any = None,
@@ -662,7 +670,7 @@ def gradient_norm_penalty(
     rho: the finite-difference radius ρ ≥ 0 (the paper's r); default 0.1,
       the paper's CIFAR setting.
     alpha: α in [0, 1]; default 0.8, the paper's setting.
-    has_aux, axis_name, m, mask, track_cosine: as in
+    has_aux, axis_name, m, group_loop, mask, track_cosine: as in
       :func:`sharpness_aware`. Works with
       ``axis_name`` (the mix is linear, so averaging before or after it
       agrees).
@@ -697,7 +705,7 @@ def gradient_norm_penalty(
   """
   name = "sam_optax.gradient_norm_penalty"
   return _block(name, _gnp_rule(name, alpha), rho, has_aux=has_aux,
-                axis_name=axis_name, m=m, mask=mask,
+                axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale)
 
 
@@ -709,6 +717,7 @@ def gnp(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     m: Optional[int] = None,
+    group_loop: str = "vmap",
     mask: Any = None,
     track_cosine: bool = False,
     rho_scale: Any = None,
@@ -725,7 +734,7 @@ def gnp(
     base_optimizer: any optax transformation.
     rho: the radius ρ ≥ 0; default 0.1.
     alpha: α in [0, 1]; default 0.8.
-    has_aux, axis_name, m, mask, track_cosine, rho_scale: as in
+    has_aux, axis_name, m, group_loop, mask, track_cosine, rho_scale: as in
       :func:`gradient_norm_penalty`.
 
   Returns:
@@ -757,7 +766,7 @@ def gnp(
   name = "sam_optax.gnp"
   return optax.chain(
       _block(name, _gnp_rule(name, alpha), rho, has_aux=has_aux,
-             axis_name=axis_name, m=m, mask=mask,
+             axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale),
       base_optimizer)
 
@@ -779,6 +788,7 @@ def look_sharpness_aware(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     m: Optional[int] = None,
+    group_loop: str = "vmap",
     mask: Any = None,
     track_cosine: bool = False,
     rho_scale: Any = None,
@@ -807,7 +817,7 @@ def look_sharpness_aware(
       ``optax.inject_hyperparams`` list it in ``static_args``.
     alpha: α ≥ 0, the weight of the reused direction; default 0.7 as in the
       paper. ``alpha=0`` gives the plain gradient between SAM steps.
-    has_aux, axis_name, m, mask, track_cosine: as in
+    has_aux, axis_name, m, group_loop, mask, track_cosine: as in
       :func:`sharpness_aware`. Works with
       ``axis_name``: ``g_v`` is computed from device-averaged gradients, so it
       stays replicated.
@@ -843,7 +853,7 @@ def look_sharpness_aware(
   """
   name = "sam_optax.look_sharpness_aware"
   return _block(name, _looksam_rule(name, k, alpha), rho, has_aux=has_aux,
-                axis_name=axis_name, m=m, mask=mask,
+                axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale)
 
 
@@ -856,6 +866,7 @@ def looksam(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     m: Optional[int] = None,
+    group_loop: str = "vmap",
     mask: Any = None,
     track_cosine: bool = False,
     rho_scale: Any = None,
@@ -871,7 +882,7 @@ def looksam(
     rho: the radius ρ ≥ 0; default 0.05.
     k: steps from one SAM step to the next (≥ 1, structural); default 5.
     alpha: α ≥ 0; default 0.7.
-    has_aux, axis_name, m, mask, track_cosine, rho_scale: as in
+    has_aux, axis_name, m, group_loop, mask, track_cosine, rho_scale: as in
       :func:`look_sharpness_aware`.
 
   Returns:
@@ -902,7 +913,7 @@ def looksam(
   name = "sam_optax.looksam"
   return optax.chain(
       _block(name, _looksam_rule(name, k, alpha), rho, has_aux=has_aux,
-             axis_name=axis_name, m=m, mask=mask,
+             axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale),
       base_optimizer)
 
@@ -914,6 +925,7 @@ def interval_sharpness_aware(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     m: Optional[int] = None,
+    group_loop: str = "vmap",
     mask: Any = None,
     track_cosine: bool = False,
     rho_scale: Any = None,
@@ -934,7 +946,7 @@ def interval_sharpness_aware(
     k: steps from one SAM step to the next (integer ≥ 1; ``k=1`` is SAM);
       default 5. Structural: list it in ``static_args`` under
       ``optax.inject_hyperparams``.
-    has_aux, axis_name, m, mask, track_cosine: as in
+    has_aux, axis_name, m, group_loop, mask, track_cosine: as in
       :func:`sharpness_aware`. Stateless:
       works per device and per group.
     rho_scale: per-leaf ρ, as in :func:`adaptive_sharpness_aware`.
@@ -971,7 +983,7 @@ def interval_sharpness_aware(
   """
   name = "sam_optax.interval_sharpness_aware"
   return _block(name, reuse.interval(check_k(name, k)), rho, has_aux=has_aux,
-                axis_name=axis_name, m=m, mask=mask,
+                axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale)
 
 
@@ -983,6 +995,7 @@ def interval_sam(
     has_aux: bool = False,
     axis_name: Optional[str] = None,
     m: Optional[int] = None,
+    group_loop: str = "vmap",
     mask: Any = None,
     track_cosine: bool = False,
     rho_scale: Any = None,
@@ -996,7 +1009,7 @@ def interval_sam(
     base_optimizer: any optax transformation.
     rho: the radius ρ ≥ 0; default 0.05.
     k: steps from one SAM step to the next (≥ 1, structural); default 5.
-    has_aux, axis_name, m, mask, track_cosine, rho_scale: as in
+    has_aux, axis_name, m, group_loop, mask, track_cosine, rho_scale: as in
       :func:`interval_sharpness_aware`.
 
   Returns:
@@ -1027,7 +1040,7 @@ def interval_sam(
   name = "sam_optax.interval_sam"
   return optax.chain(
       _block(name, reuse.interval(check_k(name, k)), rho, has_aux=has_aux,
-             axis_name=axis_name, m=m, mask=mask,
+             axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale),
       base_optimizer)
 
@@ -1108,7 +1121,7 @@ def variance_suppressed_sharpness_aware(
   """
   name = "sam_optax.variance_suppressed_sharpness_aware"
   return _block(name, _vasso_rule(name, theta), rho, has_aux=has_aux,
-                axis_name=axis_name, m=None, mask=mask,
+                axis_name=axis_name, m=None, group_loop="vmap", mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale)
 
 
@@ -1166,7 +1179,7 @@ def vasso(
   name = "sam_optax.vasso"
   return optax.chain(
       _block(name, _vasso_rule(name, theta), rho, has_aux=has_aux,
-             axis_name=axis_name, m=None, mask=mask,
+             axis_name=axis_name, m=None, group_loop="vmap", mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale),
       base_optimizer)
 
@@ -1250,7 +1263,7 @@ def friendly_sharpness_aware(
   """
   name = "sam_optax.friendly_sharpness_aware"
   return _block(name, _friendly_rule(name, sigma, decay), rho, has_aux=has_aux,
-                axis_name=axis_name, m=None, mask=mask,
+                axis_name=axis_name, m=None, group_loop="vmap", mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale)
 
 
@@ -1311,7 +1324,7 @@ def friendly_sam(
   name = "sam_optax.friendly_sam"
   return optax.chain(
       _block(name, _friendly_rule(name, sigma, decay), rho, has_aux=has_aux,
-             axis_name=axis_name, m=None, mask=mask,
+             axis_name=axis_name, m=None, group_loop="vmap", mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale),
       base_optimizer)
 
