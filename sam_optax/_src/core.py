@@ -169,10 +169,11 @@ def sharpness_aware_transform(
       plain SAM (m = global batch).
     m: examples per perturbation inside one device; ``update`` then needs
       ``batch=`` and calls ``loss_fn(params, chunk)`` on every group of ``m``
-      (vectorized with ``jax.vmap``). Pass the per-group gradients from
+      (as ``group_loop`` says). Pass the per-group gradients from
       :func:`sam_optax.group_value_and_grad` as ``group_grads=`` to keep the
       step at two passes; without them ``update`` computes them (a third
-      pass). Memory: ``b / m`` params-sized buffers (the perturbed copies).
+      pass). Memory: ``b / m`` params-sized buffers (the perturbed copies;
+      one with ``group_loop='scan'``).
     mask: a pytree of bools like params, or ``params -> pytree``; only leaves
       marked True are perturbed (ε is normalized over them alone).
     track_cosine: record ``cos(g, ∇L(w+ε))`` in :class:`SAMInfo`. Off by
