@@ -306,13 +306,17 @@ def run_in_device(args):
       row["ms"] = 1e3 * statistics.median(row["times"])
       row["min_ms"] = 1e3 * min(row["times"])
     for (label, m, loop), row in rows.items():
-      row["ratio"] = row["ms"] / sgd["ms"]
+      # Paired: each step's time over SGD's in the same round (the same
+      # moment, so the same machine load), median over rounds.
+      row["ratio"] = statistics.median(
+          t / s for t, s in zip(row["times"], sgd["times"]))
       row["min_ratio"] = row["min_ms"] / sgd["min_ms"]
       row["flops_ratio"] = row["flops"] / sgd["flops"]
       row["temp_ratio"] = row["temp"] / max(sgd["temp"], 1)
       if label == "sam" and m is not None:
         groups = rows[("sgd-groups", m, loop)]
-        row["groups_ratio"] = row["ms"] / groups["ms"]
+        row["groups_ratio"] = statistics.median(
+            t / s for t, s in zip(row["times"], groups["times"]))
     n_params = sum(a.size for a in jax.tree.leaves(params))
     results[name] = {"batch": batch, "params": n_params, "rows": rows,
                      "kwargs": kwargs}
@@ -329,10 +333,10 @@ def _in_device_lines(results, args) -> list[str]:
       "matmuls, grouped convolutions), `unroll` one group after another as "
       "straight-line code, `scan` one group after another in a loop (one "
       "perturbed copy alive). `× SGD` is the SAM step's time over the plain "
-      "SGD step's (`jax.grad` of the whole batch), median over "
-      f"{args.in_device_rounds} interleaved rounds (and min over min); "
-      "`× SGD over groups` divides by an SGD step that takes one pass over the "
-      "same groups with the same loop. `temp` is XLA's compiled temp memory "
+      "SGD step's (`jax.grad` of the whole batch) in the same round, median "
+      f"over {args.in_device_rounds} interleaved rounds (and min over min); "
+      "`× SGD over groups` is the same against an SGD step that takes one pass "
+      "over the same groups with the same loop. `temp` is XLA's compiled temp memory "
       "(`memory_analysis()`); `FLOPs` is XLA's cost analysis, which counts a "
       "loop body once (so none for `scan`).",
       "",
@@ -449,6 +453,59 @@ def _pass_lines(rows) -> list[str]:
   return out
 
 
+def plot(rows, in_device, path: str) -> None:
+  """Bar charts: × SGD per setting (top), in-device m per model and loop (bottom)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  panels = 2 if in_device else 1
+  fig, axes = plt.subplots(panels, 1, figsize=(11, 4.2 * panels), squeeze=False)
+  ax = axes[0, 0]
+  names = [n for n in rows if "one vectorized pass" not in n]
+  ax.bar(range(len(names)), [rows[n]["ratio"] for n in names],
+         color=[f"C{['jit', 'pmap', 'shard_map'].index(n.split(':')[0])}" for n in names])
+  for i, n in enumerate(names):
+    ax.text(i, rows[n]["ratio"], f"{rows[n]['all_reduces']} AR", ha="center",
+            va="bottom", fontsize=7)
+  ax.set_xticks(range(len(names)))
+  ax.set_xticklabels([n.replace(": ", ":\n") for n in names], fontsize=7)
+  ax.axhline(1, color="k", lw=0.5)
+  ax.axhline(2.10, color="k", lw=0.8, ls=":")
+  ax.set_ylabel("step time / SGD's (median)")
+  ax.set_title("MLP: all-reduce ops per step (AR) and time, jit / pmap / shard_map")
+  if in_device:
+    ax = axes[1, 0]
+    loops = list(dict.fromkeys(loop for res in in_device.values()
+                               for (_, _, loop) in res["rows"] if loop))
+    groups = [(name, m) for name, res in in_device.items()
+              for m in dict.fromkeys(m for (label, m, _) in res["rows"]
+                                     if label == "sam" and m is not None)]
+    width = 0.8 / len(loops)
+    for j, loop in enumerate(loops):
+      vals = [in_device[name]["rows"][("sam", m, loop)]["ratio"] for name, m in groups]
+      ax.bar(np.arange(len(groups)) + (j - len(loops) / 2 + 0.5) * width, vals,
+             width, label=f"group_loop='{loop}'", color=f"C{j}")
+    sam = [in_device[name]["rows"][("sam", None, None)]["ratio"] for name, _ in groups]
+    ax.scatter(np.arange(len(groups)), sam, marker="_", s=400, color="k",
+               zorder=3, label="plain SAM (m = batch)")
+    ax.axhline(2.10, color="k", lw=0.8, ls=":", label="2.10 × SGD")
+    top = 1.3 * max(row["ratio"] for res in in_device.values()
+                    for row in res["rows"].values())
+    ax.set_yscale("log")
+    ax.set_ylim(0.9, top)
+    ticks = [t for t in (1, 1.5, 2, 3, 5, 10, 20, 50) if t < top]
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([f"{t:g}" for t in ticks])
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{name}\nm={m}" for name, m in groups])
+    ax.set_ylabel("step time / SGD's (paired median)")
+    ax.set_title("In-device m-sharpness: group loops across models")
+    ax.legend(fontsize=7, ncol=5, loc="upper left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def write(params, rows, args, in_device=None) -> str:
   n_params = sum(a.size for a in jax.tree.leaves(params))
   lines = [
@@ -492,6 +549,9 @@ def write(params, rows, args, in_device=None) -> str:
       "pass` rows price one pass over the groups.",
       "",
   ] + _pass_lines(rows) + [""] + (_in_device_lines(in_device, args) if in_device else []) + [
+      "Plot: `distributed.png`; per-row values: `distributed.csv`"
+      + (", `distributed_in_device.csv`." if in_device else "."),
+      "",
       f"Environment: {environment()}. Host load average (1 min) "
       f"{args.load[0]:.1f} before and {args.load[1]:.1f} after the run: the "
       "8 simulated devices share the host's cores with whatever else runs, "
@@ -502,6 +562,7 @@ def write(params, rows, args, in_device=None) -> str:
   ]
   text = "\n".join(lines)
   os.makedirs(args.out_dir, exist_ok=True)
+  plot(rows, in_device, os.path.join(args.out_dir, "distributed.png"))
   with open(os.path.join(args.out_dir, "distributed.md"), "w") as f:
     f.write(text)
   with open(os.path.join(args.out_dir, "distributed.csv"), "w", newline="") as f:
@@ -554,7 +615,7 @@ def main(argv=None):
   parser.add_argument("--loops", nargs="+", default=["vmap", "unroll", "scan"],
                       choices=["vmap", "unroll", "scan"],
                       help="group loops of the in-device m table")
-  parser.add_argument("--in-device-rounds", type=int, default=30)
+  parser.add_argument("--in-device-rounds", type=int, default=40)
   parser.add_argument("--quick", action="store_true",
                       help="tiny models and few rounds: a smoke run")
   parser.add_argument("--out-dir", default=RESULTS_DIR)

@@ -17,6 +17,7 @@ Run ``python -m benchmarks.variants_cost`` (writes
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import os
 import platform
@@ -164,11 +165,54 @@ def main(argv=None):
       "(both kinds of LookSAM/interval step share one program).",
       "",
   ]
+  stem = os.path.splitext(args.out)[0]
+  lines += [f"Per-method values: `{os.path.basename(stem)}.csv`. Plot: "
+            f"`{os.path.basename(stem)}.png`.", ""]
   text = "\n".join(lines)
   print(text)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     f.write(text)
+  with open(stem + ".csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["method", "second_passes_per_step", "median_ms_per_step",
+                "ratio_to_sgd", "compilations", "rounds", "block"])
+    for name, (_, _, passes) in table.items():
+      w.writerow([name, passes, f"{1e3 * med[name]:.4f}", f"{ratio[name]:.4f}",
+                  compiles[name], args.rounds, args.block])
+  plot(table, ratio, stem + ".png")
+  return ratio
+
+
+def plot(table, ratio, path: str) -> None:
+  """Bar chart of each method's cost × SGD, with the 1× and 2× lines."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  names = list(table)
+  fig, ax = plt.subplots(figsize=(9, 3.8))
+  kinds = {"no second pass": "C0", "a second pass every k steps": "C1",
+           "a second pass every step": "C2"}
+
+  def kind(passes):
+    return list(kinds)[0 if passes == 0 else 1 if passes < 1 else 2]
+
+  ax.bar(range(len(names)), [ratio[n] for n in names],
+         color=[kinds[kind(table[n][2])] for n in names])
+  for label, color in kinds.items():
+    ax.bar([0], [0], color=color, label=label)
+  ax.legend(fontsize=7, loc="upper right")
+  for i, n in enumerate(names):
+    ax.text(i, ratio[n], f"{ratio[n]:.2f}", ha="center", va="bottom", fontsize=7)
+  ax.axhline(1, color="k", lw=0.5)
+  ax.axhline(2, color="k", lw=0.5, ls=":")
+  ax.set_xticks(range(len(names)))
+  ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+  ax.set_ylabel("step time / SGD's (paired median)")
+  ax.set_title("Cost per step of each SAM variant")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 if __name__ == "__main__":

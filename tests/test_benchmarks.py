@@ -142,3 +142,29 @@ def test_in_device_m_is_two_passes_with_every_straight_line_loop(model):
   for loop in ("unroll", "scan"):
     for a, b in zip(jax.tree.leaves(after["vmap"]), jax.tree.leaves(after[loop])):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_variants_cost_writes_table_csv_and_plot(tmp_path):
+  from benchmarks import variants_cost  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "vc.md"
+  ratio = variants_cost.main(["--rounds", "2", "--hidden", "16", "--batch", "32",
+                              "--out", str(out)])
+  assert ratio["SGD (base)"] == 1.0 and set(ratio) >= {"SAM", "MSAM", "LookSAM (k=5)"}
+  text = out.read_text()
+  assert "| SAM | 1.0 |" in text and "Plot: `vc.png`" in text
+  rows = (tmp_path / "vc.csv").read_text().splitlines()
+  assert rows[0].startswith("method,second_passes_per_step") and len(rows) == 1 + len(ratio)
+  assert (tmp_path / "vc.png").stat().st_size > 0
+
+
+def test_distributed_quick_writes_table_csvs_and_plot(tmp_path):
+  from benchmarks import distributed  # pylint: disable=import-outside-toplevel
+  distributed.main(["--quick", "--models", "mlp", "--loops", "vmap", "scan",
+                    "--out-dir", str(tmp_path)])
+  text = (tmp_path / "distributed.md").read_text()
+  assert "| shard_map: sam × m=8 | 1 |" in text and "| pmap: sam | 1 |" in text
+  assert "| mlp | 32 | 8 | scan | n/a |" in text
+  rows = (tmp_path / "distributed_in_device.csv").read_text().splitlines()
+  assert rows[0].startswith("model,batch,params,step,m,group_loop")
+  assert len(rows) == 1 + 2 + 2 * 2  # sgd, sam; (sam, sgd-groups) × 2 loops
+  assert (tmp_path / "distributed.png").stat().st_size > 0
