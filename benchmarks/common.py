@@ -423,9 +423,11 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def write_results(name: str, *, title: str, table: str, records: Sequence[Mapping[str, Any]],
                   figure=None, notes: str = "", elapsed_s: Optional[float] = None,
-                  out_dir: str = RESULTS_DIR) -> dict[str, str]:
+                  out_dir: str = RESULTS_DIR, summary: Optional[str] = None
+                  ) -> dict[str, str]:
   """Writes ``{name}.md`` (title, table, notes, environment), ``{name}.csv``
-  (one row per run) and ``{name}.png``; returns their paths."""
+  (one row per run) and ``{name}.png``; prints ``summary`` (default: the
+  table) and the paths written, and returns the paths."""
   os.makedirs(out_dir, exist_ok=True)
   paths = {"md": os.path.join(out_dir, f"{name}.md"),
            "csv": os.path.join(out_dir, f"{name}.csv")}
@@ -447,6 +449,8 @@ def write_results(name: str, *, title: str, table: str, records: Sequence[Mappin
   if figure is not None:
     paths["png"] = os.path.join(out_dir, f"{name}.png")
     figure.savefig(paths["png"], dpi=120)
+  print(table if summary is None else summary)
+  print("wrote", ", ".join(paths.values()))
   return paths
 
 

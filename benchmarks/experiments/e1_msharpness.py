@@ -188,11 +188,10 @@ def main(argv=None):
       f"Strict ordering m=1 < m=4 < m=n on {order['ordered']} of {order['seeds']} seeds. "
       "Reference (one numpy calibration run): m=1 8.2e-6 < m=4 4.4e-4 < m=20 5.2e-3; GD 6.3e-4.")
   fig = plot(records, cfg)
-  paths = common.write_results(NAME, title="E1: m-sharpness on a sparse diagonal linear network",
-                               table=table, records=records, figure=fig, notes=notes,
-                               elapsed_s=elapsed, out_dir=args.out)
-  print(table + "\n\n" + notes.split("\n\n")[1])
-  print("wrote", ", ".join(paths.values()))
+  common.write_results(NAME, title="E1: m-sharpness on a sparse diagonal linear network",
+                       table=table, records=records, figure=fig, notes=notes,
+                       elapsed_s=elapsed, out_dir=args.out,
+                       summary=table + "\n\n" + notes.split("\n\n")[1])
   return records
 
 

@@ -212,11 +212,9 @@ def main(argv=None):
       "20/40/60/80% noise. An MLP reads MNIST-1D poorly (about 0.5 test accuracy at 20% "
       "noise; a 1-D CNN does far better but costs minutes per run on 2 CPU cores), and at 80% "
       "noise it is near chance with either optimizer.")
-  paths = common.write_results(NAME, title="E2: label noise, SGD vs SAM (and ASAM, GSAM)",
-                               table=table, records=records, figure=plot(records), notes=notes,
-                               elapsed_s=elapsed, out_dir=args.out)
-  print(table)
-  print("wrote", ", ".join(paths.values()))
+  common.write_results(NAME, title="E2: label noise, SGD vs SAM (and ASAM, GSAM)",
+                       table=table, records=records, figure=plot(records), notes=notes,
+                       elapsed_s=elapsed, out_dir=args.out)
   return records
 
 

@@ -166,11 +166,9 @@ def main(argv=None):
       f"`sam_optax.diagnostics.hessian_top_eigenvalue` ({cfg.num_iters} Lanczos steps) of the "
       f"full-batch training loss. {len(cfg.seeds)} seeds.\n\n"
       "Reference (one numpy calibration run): λ_max SGD 0.594, SAM 0.236.")
-  paths = common.write_results(NAME, title="E3: top Hessian eigenvalue, SGD vs SAM",
-                               table=table, records=records, figure=plot(records), notes=notes,
-                               elapsed_s=elapsed, out_dir=args.out)
-  print(table)
-  print("wrote", ", ".join(paths.values()))
+  common.write_results(NAME, title="E3: top Hessian eigenvalue, SGD vs SAM",
+                       table=table, records=records, figure=plot(records), notes=notes,
+                       elapsed_s=elapsed, out_dir=args.out)
   return records
 
 

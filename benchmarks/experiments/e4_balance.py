@@ -191,11 +191,9 @@ def main(argv=None):
       "on the small-margin (hard) block; with saturating tanh units it can instead flatten "
       "the loss by saturating the easy unit, and relies less on the hard block than GD does: "
       "the balancing effect depends on the architecture.")
-  paths = common.write_results(NAME, title="E4: balanced feature learning, GD vs SAM",
-                               table=table, records=records, figure=plot(records), notes=notes,
-                               elapsed_s=elapsed, out_dir=args.out)
-  print(table)
-  print("wrote", ", ".join(paths.values()))
+  common.write_results(NAME, title="E4: balanced feature learning, GD vs SAM",
+                       table=table, records=records, figure=plot(records), notes=notes,
+                       elapsed_s=elapsed, out_dir=args.out)
   return records
 
 
