@@ -566,6 +566,13 @@ def test_unknown_group_loop_is_a_clear_error(factory):
       getattr(sam_optax, factory)(optax.sgd(0.1), m=4, group_loop="pmap")
 
 
+def test_group_loop_without_m_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"`sam_optax.sam\(group_loop='scan'\)`: group_loop "
+                     r"says how the groups of m examples run.*`m` is not set"):
+    _sam(group_loop="scan")
+  _sam(group_loop="vmap")  # the default, accepted without m
+
+
 def test_m_must_divide_batch():
   with pytest.raises(ValueError, match=r"`sam_optax.sam\(m=3\)`: m \(examples per "
                      r"perturbation\) must divide the \(per-device\) batch size, "

@@ -207,6 +207,12 @@ def sharpness_aware_transform(
           "give each group of examples its own perturbation. Drop `m`, or use "
           "`axis_name` for one perturbation per device.")
   distributed.check_group_loop(name, group_loop)
+  if m is None and group_loop != "vmap":
+    raise ValueError(
+        f"`{name}(group_loop={group_loop!r})`: group_loop says how the groups "
+        "of m examples run (in-device m-sharpness), but `m` is not set, so "
+        "there are no groups. Set `m=` (and pass `batch=` to `update`), or "
+        "drop `group_loop`.")
   if axis_name is not None and not isinstance(axis_name, (str, tuple)):
     raise TypeError(
         f"`{name}(axis_name={axis_name!r})`: expected a mapped axis name (a "
