@@ -450,21 +450,22 @@ def group_value_and_grad(
     the params in the transform's second pass (each pass is one vectorized
     pass with the FLOPs of a plain forward/backward). Memory and elementwise
     work grow as ``b / m`` params-sized buffers: that, not the matmuls, is
-    the price of a small ``m``. If it does not fit, raise ``m``, or lower the per-device batch and
+    the price of a small ``m``. If it does not fit, use
+    ``group_loop='scan'``, raise ``m``, or lower the per-device batch and
     spread the batch over more devices (``axis_name``), where each device's
     groups cost memory only on that device.
 
     ``group_loop`` (here and in the transforms) trades these off. ``'vmap'``
     turns every weight into ``b // m`` copies inside one pass (batched
-    matmuls, grouped convolutions): one kernel launch per layer, best on
-    accelerators for dense layers. ``'scan'`` runs the groups one after
-    another, so the transform's second pass holds one perturbed copy at a
-    time (memory of about one params-sized buffer instead of ``b // m``),
-    at the price of a sequential loop. ``'unroll'`` also runs them one after
+    matmuls, grouped convolutions), one kernel per layer. ``'scan'`` runs
+    the groups one after another, so the transform's second pass holds one
+    perturbed copy at a time (memory of about one params-sized buffer
+    instead of ``b // m``), at the price of a sequential loop. ``'unroll'`` also runs them one after
     another, as straight-line code: compile time and program size grow with
     ``b // m``. On XLA:CPU, convolutions run far faster unrolled than either
-    vectorized over groups (1.9× against 3.1× an SGD step on a small CNN)
-    or inside a loop (12–16×); see ``benchmarks/results/distributed.md``.
+    vectorized over groups (about 1.9× against 3× an SGD step on a small
+    CNN) or inside a loop (12–16×); see
+    ``benchmarks/results/distributed.md``.
   """
   if isinstance(m, bool) or not isinstance(m, int) or m < 1:
     raise ValueError(
