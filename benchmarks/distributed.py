@@ -101,53 +101,30 @@ def base():
 
 
 def single_device_steps(ms, no_group_grads_m):
-  """``{name: (tx, step(params, state, batch))}`` on one device."""
-  steps = {}
-  sgd = base()
+  """``{name: (tx, step(params, state, batch))}`` on one device.
 
-  def sgd_step(params, state, batch):
-    grads = jax.grad(loss)(params, batch)
-    updates, state = sgd.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  steps["jit: sgd"] = (sgd, sgd_step)
-  sam = sam_optax.sam(base(), RHO)
-
-  def sam_step(params, state, batch):
-    loss_fn = lambda p: loss(p, batch)
-    grads = jax.grad(loss_fn)(params)
-    updates, state = sam.update(grads, state, params, loss_fn=loss_fn)
-    return optax.apply_updates(params, updates), state
-
-  steps["jit: sam (m = batch)"] = (sam, sam_step)
+  The steps of :func:`in_device_steps` for the MLP (``group_loop='vmap'``),
+  named for the first table, and SAM with ``m`` that recomputes the per-group
+  gradients itself (``no_group_grads_m``).
+  """
+  names = {("sgd", None, None): "jit: sgd",
+           ("sam", None, None): "jit: sam (m = batch)"}
   for m in ms:
-    tx = sam_optax.sam(base(), RHO, m=m)
-
-    def m_step(params, state, batch, tx=tx, m=m):
-      _, grads, group_grads = sam_optax.group_value_and_grad(loss, m)(params, batch)
-      updates, state = tx.update(grads, state, params, loss_fn=loss,
-                                 batch=batch, group_grads=group_grads)
-      return optax.apply_updates(params, updates), state
-
-    steps[f"jit: sam m={m}"] = (tx, m_step)
-
-    def sgd_groups_step(params, state, batch, m=m):
-      _, grads, _ = sam_optax.group_value_and_grad(loss, m)(params, batch)
-      updates, state = sgd.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-
-    steps[f"jit: sgd, one vectorized pass over groups of m={m}"] = (sgd, sgd_groups_step)
+    names[("sam", m, "vmap")] = f"jit: sam m={m}"
+    names[("sgd-groups", m, "vmap")] = (
+        f"jit: sgd, one vectorized pass over groups of m={m}")
+  steps = {names[k]: v for k, v in in_device_steps(loss, ms, ["vmap"]).items()}
   if no_group_grads_m:
     m = no_group_grads_m
     tx = sam_optax.sam(base(), RHO, m=m)
 
-    def m3_step(params, state, batch, tx=tx):
+    def m3_step(params, state, batch):
       grads = jax.grad(loss)(params, batch)
       updates, state = tx.update(grads, state, params, loss_fn=loss, batch=batch)
       return optax.apply_updates(params, updates), state
 
-    steps[f"jit: sam m={m} (no group_grads)"] = (tx, m3_step)
-  return {k: (tx, jax.jit(f)) for k, (tx, f) in steps.items()}
+    steps[f"jit: sam m={m} (no group_grads)"] = (tx, jax.jit(m3_step))
+  return steps
 
 
 def _mapped_bodies(axis, m=None):
@@ -284,27 +261,11 @@ def run_in_device(args):
   for name in args.models:
     kwargs, batch, ms = models[name]
     params, fn, data = _model(name, kwargs, batch)
-    cases, rows = {}, {}
+    cases = {}
     for key, (tx, step) in in_device_steps(fn, ms, args.loops).items():
-      state = tx.init(params)
-      compiled = step.lower(params, state, data).compile()
-      cost = compiled.cost_analysis()
-      cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-      rows[key] = {"flops": float(cost.get("flops", float("nan"))),
-                   "temp": compiled.memory_analysis().temp_size_in_bytes,
-                   "times": []}
-      cases[key] = (step, (params, state, data))
-      jax.block_until_ready(step(params, state, data))
-      jax.block_until_ready(step(params, state, data))
-    for _ in range(args.in_device_rounds):
-      for key, (step, a) in cases.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(*a))
-        rows[key]["times"].append(time.perf_counter() - t0)
+      cases[key] = (step, (params, tx.init(params), data))
+    rows = measure(cases, args.in_device_rounds)
     sgd = rows[("sgd", None, None)]
-    for row in rows.values():
-      row["ms"] = 1e3 * statistics.median(row["times"])
-      row["min_ms"] = 1e3 * min(row["times"])
     for (label, m, loop), row in rows.items():
       # Paired: each step's time over SGD's in the same round (the same
       # moment, so the same machine load), median over rounds.
@@ -375,6 +336,44 @@ def _in_device_lines(results, args) -> list[str]:
 # --- Timing ----------------------------------------------------------------------
 
 
+def xla_cost(compiled) -> dict:
+  """XLA's cost analysis of a compiled step as one dict (``{}`` if none)."""
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+
+
+def measure(cases, rounds: int, jit_to_lower=()) -> dict:
+  """Compiles, warms up and times every case in ``rounds`` interleaved rounds.
+
+  ``cases``: ``{key: (step, args)}``; a key in ``jit_to_lower`` is lowered
+  through ``jax.jit(step)`` (a ``pmap``). Each row holds the compiled step's
+  all-reduce ops and the floats they carry, XLA's FLOPs and bytes accessed,
+  its temp memory, the per-round times and their median and min in ms.
+  """
+  rows = {}
+  for key, (step, a) in cases.items():
+    compiled = (jax.jit(step) if key in jit_to_lower else step).lower(*a).compile()
+    ops = all_reduce_ops(compiled.as_text())
+    cost = xla_cost(compiled)
+    rows[key] = {"all_reduces": len(ops),
+                 "all_reduce_floats": sum(_floats(o) for o in ops),
+                 "flops": float(cost.get("flops", float("nan"))),
+                 "bytes": float(cost.get("bytes accessed", float("nan"))),
+                 "temp": compiled.memory_analysis().temp_size_in_bytes,
+                 "times": []}
+    jax.block_until_ready(step(*a))  # compile and warm up
+    jax.block_until_ready(step(*a))
+  for _ in range(rounds):
+    for key, (step, a) in cases.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(step(*a))
+      rows[key]["times"].append(time.perf_counter() - t0)
+  for row in rows.values():
+    row["ms"] = 1e3 * statistics.median(row["times"])
+    row["min_ms"] = 1e3 * min(row["times"])
+  return rows
+
+
 def run(args):
   params = make_mlp(args.width, args.depth, args.d_in, args.classes)
   b = args.per_device_batch
@@ -395,28 +394,9 @@ def run(args):
   for name, (tx, step) in shard_map_steps(mesh, args.shard_map_m).items():
     cases[name] = (step, (params, tx.init(params), sbatch))
 
-  rows = {}
-  for name, (step, a) in cases.items():
-    lowered = (jax.jit(step) if name.startswith("pmap") else step).lower(*a)
-    compiled = lowered.compile()
-    ops = all_reduce_ops(compiled.as_text())
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-    rows[name] = {"all_reduces": len(ops),
-                  "all_reduce_floats": sum(_floats(o) for o in ops),
-                  "flops": float(cost.get("flops", float("nan"))),
-                  "bytes": float(cost.get("bytes accessed", float("nan"))),
-                  "times": []}
-    jax.block_until_ready(step(*a))  # compile and warm up
-    jax.block_until_ready(step(*a))
-  for _ in range(args.rounds):
-    for name, (step, a) in cases.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(step(*a))
-      rows[name]["times"].append(time.perf_counter() - t0)
+  rows = measure(cases, args.rounds,
+                 jit_to_lower=[n for n in cases if n.startswith("pmap")])
   for name, row in rows.items():
-    row["ms"] = 1e3 * statistics.median(row["times"])
-    row["min_ms"] = 1e3 * min(row["times"])
     sgd = {"jit": "jit: sgd", "pmap": "pmap: sgd",
            "shard_map": "shard_map: sgd"}[name.split(":")[0]]
     row["baseline"] = sgd
