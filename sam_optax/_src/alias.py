@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import optax
 
+from sam_optax._src import checks
 from sam_optax._src import core
 from sam_optax._src.rules import normalized
 
@@ -123,7 +124,7 @@ def sharpness_aware(
 
 
 def _normalized_block(name, rho, *, p, normalize, **options):
-  p = normalized.validate_p(name, p, normalize)
+  p = checks.check_p(name, p, normalize)
   return core.sharpness_aware_transform(
       normalized.normalized(p, normalize=normalize), rho, name=name, **options)
 

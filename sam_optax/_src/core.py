@@ -22,18 +22,11 @@ import numpy as np
 import optax
 
 from sam_optax._src import base
+from sam_optax._src import checks
 from sam_optax._src import distributed
 from sam_optax._src import numerics
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
-
-
-def check_rho(name: str, rho: ScalarOrSchedule) -> None:
-  if callable(rho) or not isinstance(rho, (numbers.Real, np.ndarray, np.generic)):
-    return
-  v = float(np.asarray(rho))
-  if isinstance(rho, bool) or not math.isfinite(v) or v < 0:
-    raise ValueError(base.BAD_RHO.format(name=name, rho=rho))
 
 
 def resolve_rho(rho: ScalarOrSchedule, count) -> jax.Array:
@@ -41,78 +34,6 @@ def resolve_rho(rho: ScalarOrSchedule, count) -> jax.Array:
   value = rho(count) if callable(rho) else rho
   value = jnp.asarray(value, jnp.float32)
   return jnp.where(value > 0, value, 0.0)
-
-
-def _checked_loss(loss_fn: Callable, has_aux: bool, name: str) -> Callable:
-  """Wraps ``loss_fn`` so that it returns ``(loss, aux)`` or raises clearly."""
-
-  def wrapped(*args):
-    out = loss_fn(*args)
-    if has_aux:
-      if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        got = (f"a {type(out).__name__} of length {len(out)}"
-               if isinstance(out, (tuple, list)) else
-               f"a single value of shape {jnp.shape(out)}")
-        raise TypeError(base.LOSS_NOT_AUX_PAIR.format(name=name, got=got))
-      loss, aux = out
-    else:
-      if isinstance(out, (tuple, list)):
-        raise TypeError(base.LOSS_RETURNED_TUPLE.format(
-            name=name, kind=type(out).__name__, n=len(out)))
-      loss, aux = out, None
-    loss = jnp.asarray(loss)
-    if loss.shape != ():
-      raise ValueError(base.LOSS_NOT_SCALAR.format(name=name, shape=loss.shape))
-    if not jnp.issubdtype(loss.dtype, jnp.floating):
-      raise TypeError(base.LOSS_NOT_FLOAT.format(name=name, dtype=loss.dtype))
-    return loss, aux
-
-  return wrapped
-
-
-def check_float_params(name: str, params) -> None:
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is None:
-      dtype = jnp.asarray(leaf).dtype
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      raise TypeError(base.NON_FLOAT_PARAMS.format(
-          name=name, path=jax.tree_util.keystr(path) or "<root>", dtype=dtype))
-
-
-def _resolve_leafwise(name, arg, value, params, what):
-  """``value`` (a pytree like params, or ``params -> pytree``) as a pytree."""
-  if value is None:
-    return None
-  tree = value(params) if callable(value) else value
-  try:
-    jax.tree.map(lambda _, __: None, params, tree)
-  except ValueError as e:
-    raise ValueError(
-        f"`{name}(...)`, argument `{arg}`: the {arg} tree does not match the "
-        f"params tree (params: {jax.tree.structure(params)}; {arg}: "
-        f"{jax.tree.structure(tree)}). Give {what} per params leaf, or a "
-        f"callable `params -> {arg}`.") from e
-  return tree
-
-
-def _resolve_mask(mask, params, name="mask"):
-  return _resolve_leafwise(name, "mask", mask, params, "one bool")
-
-
-def check_rho_scale(name: str, rho_scale) -> None:
-  """Raises for concrete negative or non-finite per-leaf ρ multipliers."""
-  if rho_scale is None or callable(rho_scale):
-    return
-  for path, leaf in jax.tree_util.tree_leaves_with_path(rho_scale):
-    if not isinstance(leaf, (numbers.Real, np.ndarray, np.generic)):
-      continue  # arrays (possibly traced) are used as given
-    v = np.asarray(leaf, np.float64)
-    if isinstance(leaf, bool) or not np.all(np.isfinite(v)) or np.any(v < 0):
-      raise ValueError(
-          f"`{name}(..., rho_scale=...)`: leaf {jax.tree_util.keystr(path)} is "
-          f"{leaf!r}; per-leaf ρ multipliers must be finite numbers ≥ 0 "
-          "(0 leaves that leaf unperturbed, 1 keeps ρ).")
 
 
 def _apply_rho_scale(eps, scale_tree):
@@ -191,38 +112,17 @@ def sharpness_aware_transform(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  check_rho(name, rho)
-  check_rho_scale(name, rho_scale)
-  if isinstance(m, jax.Array):
-    raise TypeError(base.STATIC_ARG.format(name=name, arg="m"))
-  if m is not None:
-    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
-      raise ValueError(
-          f"`{name}(m={m!r})`: m is the number of examples per perturbation "
-          "and must be a positive integer (or None for one perturbation per "
-          "batch).")
-    if not rule.supports_groups:
-      raise ValueError(
-          f"`{name}(m={m})`: this method keeps state across steps and cannot "
-          "give each group of examples its own perturbation. Drop `m`, or use "
-          "`axis_name` for one perturbation per device.")
-  distributed.check_group_loop(name, group_loop)
-  if m is None and group_loop != "vmap":
-    raise ValueError(
-        f"`{name}(group_loop={group_loop!r})`: group_loop says how the groups "
-        "of m examples run (in-device m-sharpness), but `m` is not set, so "
-        "there are no groups. Set `m=` (and pass `batch=` to `update`), or "
-        "drop `group_loop`.")
-  if axis_name is not None and not isinstance(axis_name, (str, tuple)):
-    raise TypeError(
-        f"`{name}(axis_name={axis_name!r})`: expected a mapped axis name (a "
-        "str, or a tuple of str), as given to `jax.pmap` or `jax.shard_map`.")
+  checks.check_rho(name, rho)
+  checks.check_rho_scale(name, rho_scale)
+  checks.check_placement(name, axis_name=axis_name, m=m, group_loop=group_loop,
+                         supports_groups=rule.supports_groups)
 
+  loss_call = distributed.LossCall(name, m, group_loop, axis_name)
   combine = rule.combine or _default_combine
   skip = rule.skip or _default_skip
 
   def init_fn(params):
-    check_float_params(name, params)
+    checks.check_float_params(name, params)
     return base.SharpnessAwareState(
         count=jnp.zeros([], jnp.int32),
         rule_state=rule.init(params),
@@ -232,34 +132,17 @@ def sharpness_aware_transform(
   def update_fn(updates, state, params=None, *, loss_fn=None, value=None,
                 batch=None, group_grads=None, **extra_args):
     del extra_args
-    if loss_fn is None:
-      hint = ("; with `has_aux=True` it returns `(loss, aux)`" if has_aux else "")
-      if m is not None:
-        hint += (" (with `m=`, `loss_fn(params, chunk)` and `batch=` are "
-                 "needed)")
-      raise TypeError(base.MISSING_LOSS_FN.format(name=name, aux_hint=hint))
-    if params is None:
-      raise ValueError(base.MISSING_PARAMS.format(name=name))
-    if any(isinstance(x, optax.MaskedNode) for x in jax.tree.leaves(
-        params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))):
-      raise ValueError(base.INSIDE_OPTAX_MASKED.format(name=name))
-    if jax.tree.structure(updates) != jax.tree.structure(params):
-      raise ValueError(base.TREE_MISMATCH.format(
-          name=name, updates=jax.tree.structure(updates),
-          params=jax.tree.structure(params)))
+    checks.check_update_call(name, updates=updates, params=params,
+                             loss_fn=loss_fn, has_aux=has_aux, m=m)
     if axis_name is not None:
       distributed.check_axis(name, axis_name, updates)
-    distributed.check_loss_fn_arity(name, loss_fn, m)
-    if m is None and group_grads is not None:
-      raise ValueError(distributed.GROUP_GRADS_WITHOUT_M.format(name=name))
-    if m is not None:
-      b = distributed.batch_size(name, batch, m)
-      if group_grads is not None:
-        distributed.check_group_grads(name, group_grads, params, b, m)
-    f = _checked_loss(loss_fn, has_aux, name)
-    mask_tree = _resolve_mask(mask, params, name)
-    scale_tree = _resolve_leafwise(name, "rho_scale", rho_scale, params,
-                                   "one number")
+    b = None if m is None else checks.batch_size(name, batch, m)
+    checks.check_group_grads(name, group_grads, params, b, m)
+    f = distributed.declared(checks.checked_loss(loss_fn, has_aux, name),
+                             loss_call)
+    mask_tree = checks.resolve_leafwise(name, "mask", mask, params, "one bool")
+    scale_tree = checks.resolve_leafwise(name, "rho_scale", rho_scale, params,
+                                         "one number")
     rho_t = resolve_rho(rho, state.count)
     grads = updates
     value_f32 = jnp.full((), jnp.nan, jnp.float32) if value is None else (

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_optax._src import base
-from sam_optax._src import core
+from sam_optax._src import checks
 from sam_optax._src import info as info_lib
 from sam_optax._src import numerics
 
@@ -104,12 +104,12 @@ def _to_f32(params):
 
 
 def _scalar_loss(loss_fn, has_aux, name):
-  checked = core._checked_loss(loss_fn, has_aux, name)  # pylint: disable=protected-access
+  checked = checks.checked_loss(loss_fn, has_aux, name)
   return lambda *args: checked(*args)[0]
 
 
 def _prepare(name, loss_fn, params, has_aux):
-  core.check_float_params(name, params)
+  checks.check_float_params(name, params)
   if not jax.tree.leaves(params):
     raise ValueError(NO_PARAMS.format(name=name))
   return _scalar_loss(loss_fn, has_aux, name), _to_f32(params)

@@ -16,66 +16,61 @@ m-sharpness gives every group of ``m`` examples its own perturbation
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable
+import contextvars
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-from sam_optax._src import base
+from sam_optax._src import checks
 
-GRADS_NOT_PER_DEVICE = (
-    "`{name}(..., axis_name={axis!r})`: the gradients passed to `update` are "
-    "identical on every device (not varying over {axis!r}). Under "
-    "`jax.shard_map`, `jax.grad` with respect to replicated params returns the "
-    "SUM of all devices' gradients, so each device would perturb with the "
-    "global gradient and m-sharpness is lost. Differentiate with respect to "
-    "`sam_optax.per_device(params, {axis!r})` (that is, "
-    "`jax.lax.pcast(params, {axis!r}, to='varying')`) so that each device gets "
-    "its own gradient."
-)
-PER_DEVICE_NOT_BOUND = (
-    "`sam_optax.per_device(params, {axis!r})`: no axis named {axis!r} is bound "
-    "here. Call it inside the `jax.shard_map` (or `jax.pmap`) function that "
-    "maps over {axis!r}; under plain `jax.jit` there is nothing to do, so drop "
-    "the call."
-)
-MISSING_BATCH = (
-    "`{name}(m={m})`: `update` needs `batch=`, a pytree whose leaves have a "
-    "leading batch axis, to give each group of m examples its own "
-    "perturbation (received none). Call `tx.update(grads, state, params, "
-    "loss_fn=loss_fn, batch=batch)` with `loss_fn(params, chunk)`."
-)
-BAD_BATCH_SIZE = (
-    "`{name}(m={m})`: m (examples per perturbation) must divide the "
-    "(per-device) batch size, but the batch has {b} examples. Pick m among "
-    "the divisors of {b} ({divisors}), or change the batch size."
-)
-LOSS_FN_ARITY_M = (
-    "`{name}(m={m})`: with `m`, `loss_fn` is called as `loss_fn(params, "
-    "chunk)` on each group of m examples, but the given `loss_fn` cannot take "
-    "two positional arguments (signature {sig}). Write it as "
-    "`loss_fn(params, batch)` and pass the batch as `batch=`, or drop `m` and "
-    "use a `loss_fn(params)` that closes over the batch."
-)
-LOSS_FN_ARITY_NO_M = (
-    "`{name}`: `loss_fn` is called as `loss_fn(params)`, but the given "
-    "`loss_fn` needs more positional arguments (signature {sig}). Close over "
-    "the batch (`loss_fn=lambda p: loss(p, batch)`), or, for m-sharpness "
-    "inside a device, create the transform with `m=` and pass `batch=`."
-)
-GROUP_GRADS_WITHOUT_M = (
-    "`{name}.update(..., group_grads=...)`: per-group gradients are only used "
-    "with in-device m-sharpness, but the transform was created without `m`. "
-    "Create it with `{name}(..., m=m)` (the same m as in "
-    "`sam_optax.group_value_and_grad(loss_fn, m)`), or drop `group_grads`."
-)
-BAD_GROUP_GRADS = (
-    "`{name}.update(..., group_grads=...)`: expected a pytree like params with "
-    "a leading axis of {groups} groups (batch of {b} examples / m={m}), as "
-    "returned by `sam_optax.group_value_and_grad(loss_fn, {m})(params, "
-    "batch)`; {got}."
-)
+class LossCall(NamedTuple):
+  """How the step is calling ``loss_fn`` right now, for adapters to read.
+
+  An adapter's loss function (the Flax train states, say) may need to know
+  whether it runs once per group of examples under ``jax.vmap``, where it
+  cannot write to array references. The core declares it here, at trace time,
+  around every call of ``loss_fn`` inside ``update``: read it with
+  :func:`current_loss_call` (``None`` outside a sharpness-aware step).
+
+  Attributes:
+    name: the public name of the transform calling.
+    m: examples per perturbation (``None``: one per batch or per device).
+    group_loop: how the groups run (``'vmap'``, ``'scan'``, ``'unroll'``).
+    axis_name: the mapped axis of per-device perturbations, or ``None``.
+  """
+
+  name: str
+  m: Optional[int]
+  group_loop: str
+  axis_name: Any
+
+  @property
+  def vectorized_over_groups(self) -> bool:
+    """Whether ``loss_fn`` is traced under ``jax.vmap`` over groups."""
+    return self.m is not None and self.group_loop == "vmap"
+
+
+_LOSS_CALL: contextvars.ContextVar = contextvars.ContextVar(
+    "sam_optax_loss_call", default=None)
+
+
+def current_loss_call() -> Optional[LossCall]:
+  """The :class:`LossCall` of the enclosing ``update`` (``None`` outside one)."""
+  return _LOSS_CALL.get()
+
+
+def declared(fn: Callable, call: LossCall) -> Callable:
+  """``fn`` that declares ``call`` (see :class:`LossCall`) while it runs."""
+
+  def wrapped(*args):
+    token = _LOSS_CALL.set(call)
+    try:
+      return fn(*args)
+    finally:
+      _LOSS_CALL.reset(token)
+
+  return wrapped
 
 
 def _axis_names(axis_name):
@@ -117,13 +112,13 @@ def check_axis(name: str, axis_name, grads) -> None:
     ValueError: if the gradients do not vary over an axis that is tracked.
   """
   if not axis_is_bound(axis_name):
-    raise NameError(base.AXIS_NOT_BOUND.format(name=name, axis=axis_name))
+    raise NameError(checks.AXIS_NOT_BOUND.format(name=name, axis=axis_name))
   leaves = jax.tree.leaves(grads)
   if not leaves:
     return
   for a in _axis_names(axis_name):
     if _tracks_varying(a) and not any(a in _varying_axes(x) for x in leaves):
-      raise ValueError(GRADS_NOT_PER_DEVICE.format(name=name, axis=a))
+      raise ValueError(checks.GRADS_NOT_PER_DEVICE.format(name=name, axis=a))
 
 
 def all_reduce_mean(tree, axis_name):
@@ -179,7 +174,7 @@ def per_device(params, axis_name):
       function).
   """
   if not axis_is_bound(axis_name):
-    raise NameError(PER_DEVICE_NOT_BOUND.format(axis=axis_name))
+    raise NameError(checks.PER_DEVICE_NOT_BOUND.format(axis=axis_name))
   return as_varying(params, axis_name)
 
 
@@ -196,9 +191,7 @@ def reducible_state(old_state, new_state, axis_name) -> list[bool]:
   old = jax.tree.leaves(old_state)
   new = jax.tree.leaves(new_state)
   if len(old) != len(new):
-    raise ValueError(
-        "A perturbation rule's `ascent` must return a rule state with the "
-        "same tree structure as the one it received.")
+    raise ValueError(checks.RULE_STATE_STRUCTURE)
   axes = _axis_names(axis_name)
   tracked = all(_tracks_varying(a) for a in axes)
 
@@ -213,108 +206,11 @@ def reducible_state(old_state, new_state, axis_name) -> list[bool]:
 # --- In-device groups (m=) -------------------------------------------------
 
 
-def _signature_text(fn) -> str:
-  try:
-    return str(inspect.signature(fn))
-  except (TypeError, ValueError):
-    return "unknown"
-
-
-def _takes_positional(fn, n: int):
-  """Whether ``fn`` accepts ``n`` positional args; None if it cannot be told."""
-  try:
-    sig = inspect.signature(fn)
-  except (TypeError, ValueError):
-    return None
-  try:
-    sig.bind(*([None] * n))
-  except TypeError:
-    return False
-  return True
-
-
-def check_loss_fn_arity(name: str, loss_fn: Callable, m) -> None:
-  """Raises a clear TypeError if ``loss_fn`` cannot be called as the step will.
-
-  With ``m``, ``loss_fn(params, chunk)``; without, ``loss_fn(params)``.
-  Functions whose signature cannot be read are let through.
-  """
-  if m is not None:
-    if _takes_positional(loss_fn, 2) is False:
-      raise TypeError(LOSS_FN_ARITY_M.format(
-          name=name, m=m, sig=_signature_text(loss_fn)))
-  elif (_takes_positional(loss_fn, 1) is False
-        and _takes_positional(loss_fn, 2) is True):
-    raise TypeError(LOSS_FN_ARITY_NO_M.format(
-        name=name, sig=_signature_text(loss_fn)))
-
-
-def _divisors(b: int) -> str:
-  ds = [d for d in range(1, b + 1) if b % d == 0]
-  return ", ".join(map(str, ds[:12])) + (", ..." if len(ds) > 12 else "")
-
-
-def batch_size(name: str, batch, m: int) -> int:
-  """The leading size shared by every leaf of ``batch``; checks that m divides it."""
-  if batch is None:
-    raise TypeError(MISSING_BATCH.format(name=name, m=m))
-  leaves = jax.tree.leaves(batch)
-  if not leaves:
-    raise ValueError(f"`{name}(m={m})`: `batch` has no arrays.")
-  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
-  if len(sizes) != 1 or None in sizes:
-    raise ValueError(
-        f"`{name}(m={m})`: every leaf of `batch` needs the same leading batch "
-        f"axis; got leading sizes {sorted(map(str, sizes))}.")
-  (b,) = sizes
-  if b % m:
-    raise ValueError(BAD_BATCH_SIZE.format(
-        name=name, m=m, b=b, divisors=_divisors(b)))
-  return b
-
-
 def split_batch(name: str, batch, m: int):
   """Reshapes every leaf ``[b, ...]`` of ``batch`` to ``[b // m, m, ...]``."""
-  b = batch_size(name, batch, m)
+  b = checks.batch_size(name, batch, m)
   return jax.tree.map(
       lambda x: jnp.reshape(x, (b // m, m) + jnp.shape(x)[1:]), batch)
-
-
-def check_group_grads(name: str, group_grads, params, b: int, m: int) -> None:
-  """Checks that ``group_grads`` is params-like with ``b // m`` groups in front."""
-  groups = b // m
-  if jax.tree.structure(group_grads) != jax.tree.structure(params):
-    raise ValueError(BAD_GROUP_GRADS.format(
-        name=name, groups=groups, b=b, m=m,
-        got=f"got tree {jax.tree.structure(group_grads)}"))
-  for path, g, p in zip(
-      [jax.tree_util.keystr(k) for k, _ in
-       jax.tree_util.tree_leaves_with_path(params)],
-      jax.tree.leaves(group_grads), jax.tree.leaves(params)):
-    want = (groups,) + tuple(jnp.shape(p))
-    if tuple(jnp.shape(g)) != want:
-      raise ValueError(BAD_GROUP_GRADS.format(
-          name=name, groups=groups, b=b, m=m,
-          got=f"leaf {path or '<root>'} has shape {tuple(jnp.shape(g))}, "
-              f"expected {want}"))
-
-
-GROUP_LOOPS = ("vmap", "scan", "unroll")
-
-BAD_GROUP_LOOP = (
-    "`{name}(group_loop={loop!r})`: unknown way to run over the groups of m "
-    "examples. Use 'vmap' (all groups in one vectorized pass; the default), "
-    "'scan' (one group at a time in a loop: memory of one perturbed copy of "
-    "the params) or 'unroll' (one group at a time, unrolled into the "
-    "compiled program)."
-)
-
-
-def check_group_loop(name: str, group_loop) -> str:
-  """Returns ``group_loop`` if it names a known loop; raises clearly otherwise."""
-  if not isinstance(group_loop, str) or group_loop not in GROUP_LOOPS:
-    raise ValueError(BAD_GROUP_LOOP.format(name=name, loop=group_loop))
-  return group_loop
 
 
 def map_groups(fn, xs, group_loop: str):
@@ -467,13 +363,12 @@ def group_value_and_grad(
     CNN) or inside a loop (12–16×); see
     ``benchmarks/results/distributed.md``.
   """
-  if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-    raise ValueError(
-        f"`sam_optax.group_value_and_grad(m={m!r})`: m is the number of "
-        "examples per perturbation and must be a positive integer.")
   name = "sam_optax.group_value_and_grad"
-  check_loss_fn_arity(name, loss_fn, m)
-  check_group_loop(name, group_loop)
+  if not checks.is_positive_int(m):
+    raise ValueError(checks.BAD_M.format(name=name, m=m, alt=""))
+  checks.check_loss_fn_arity(name, loss_fn, m)
+  checks.check_choice(checks.BAD_GROUP_LOOP, group_loop, checks.GROUP_LOOPS,
+                      name=name, loop=group_loop)
   value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
   def value_and_grads(params, batch):

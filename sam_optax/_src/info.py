@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 
 from sam_optax._src import base
+from sam_optax._src import checks
 
 
 def find_states(opt_state, state_type) -> list:
@@ -33,10 +34,7 @@ def get_info(opt_state) -> base.SAMInfo:
   """
   found = find_states(opt_state, base.SharpnessAwareState)
   if len(found) != 1:
-    raise ValueError(
-        "`sam_optax.get_info`: expected exactly one sharpness-aware block in "
-        f"the optimizer state, found {len(found)}. Pass the state returned by "
-        "a `sam_optax` transform (or the part of it that belongs to one).")
+    raise ValueError(checks.GET_INFO_NOT_ONE.format(found=len(found)))
   # Wrappers around the arrays (e.g. the variables of an NNX optimizer's
   # state) flatten to the arrays themselves, one per field.
   fields = jax.tree.leaves(found[0].info)

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from sam_optax._src import base
+from sam_optax._src import checks
 from sam_optax._src import core
 from sam_optax._src import info as info_lib
 from sam_optax._src import numerics
@@ -72,7 +73,7 @@ def _perturbation(trace, scale):
 
 def momentum_sam(base_optimizer, rho, momentum, *, name: str):
   """The MSAM transform; see :func:`sam_optax.msam` for the documentation."""
-  core.check_rho(name, rho)
+  checks.check_rho(name, rho)
   # ρ = 0 known at construction: hand back the base's update untouched (not
   # even `+ 0`), so that XLA compiles the step exactly as for the base alone.
   static_zero = (not callable(rho)
@@ -80,7 +81,7 @@ def momentum_sam(base_optimizer, rho, momentum, *, name: str):
                  and float(np.asarray(rho)) == 0.0)
 
   def init_fn(params):
-    core.check_float_params(name, params)
+    checks.check_float_params(name, params)
     rule_state = MomentumSAMRuleState(trace=optax.tree.zeros_like(params),
                                       scale=jnp.zeros([], jnp.float32))
     return MomentumSAMState(
@@ -163,12 +164,7 @@ def remove_perturbation(params, opt_state):
   """
   found = info_lib.find_states(opt_state, MomentumSAMRuleState)
   if len(found) != 1:
-    raise ValueError(
-        "`sam_optax.remove_perturbation`: expected the state of exactly one "
-        f"`sam_optax.msam` in `opt_state`, found {len(found)}. Only MSAM "
-        "hands back perturbed params (every other sam_optax transform returns "
-        "unperturbed ones, so there is nothing to remove); pass the state "
-        "returned by `tx.update` of an `msam` optimizer.")
+    raise ValueError(checks.REMOVE_PERTURBATION_NOT_ONE.format(found=len(found)))
   (state,) = found
   eps = _perturbation(state.trace, state.scale)
   return jax.tree.map(lambda w, e: (_f32(w) - _f32(e)).astype(w.dtype), params, eps)

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from sam_optax._src import base
+from sam_optax._src import checks
 from sam_optax._src import core
 from sam_optax._src import msam as msam_lib
 from sam_optax._src.rules import adaptive
@@ -39,57 +40,6 @@ ScalarOrSchedule = core.ScalarOrSchedule
 
 
 # --- Validation of hyper-parameters (concrete values only). ------------------
-
-
-def _interval_text(low, high, low_open, high_open) -> str:
-  if high is None:
-    return f"{'>' if low_open else '≥'} {low:g}"
-  return (f"in {'(' if low_open else '['}{low:g}, {high:g}"
-          f"{')' if high_open else ']'}")
-
-
-def check_range(name: str, arg: str, value: Any, *, low: float = 0.0,
-                high: Optional[float] = None, low_open: bool = False,
-                high_open: bool = False, hint: str = "") -> None:
-  """Raises for a concrete number outside the range; arrays pass unchecked.
-
-  ``optax.inject_hyperparams`` hands the factory arrays (possibly traced), so
-  only Python and numpy numbers are checked, once, at construction.
-  """
-  if callable(value):
-    raise TypeError(
-        f"`{name}({arg}=<callable>)`: {arg} must be a number (or a scalar "
-        f"array), not a schedule. To change it during training, build the "
-        f"optimizer with `optax.inject_hyperparams({name})(...)` and set "
-        f"`state.hyperparams['{arg}']`.")
-  if isinstance(value, bool):
-    raise TypeError(f"`{name}({arg}={value!r})`: expected a number, got a bool.")
-  if not isinstance(value, (numbers.Real, np.ndarray, np.generic)):
-    return
-  if np.ndim(value) != 0:
-    raise ValueError(
-        f"`{name}({arg}=...)`: {arg} must be a scalar, got shape "
-        f"{np.shape(value)}.")
-  v = float(np.asarray(value))
-  ok = math.isfinite(v) and (v > low if low_open else v >= low)
-  if high is not None:
-    ok = ok and (v < high if high_open else v <= high)
-  if not ok:
-    raise ValueError(
-        f"`{name}({arg}={value!r})`: {arg} must be a finite number "
-        f"{_interval_text(low, high, low_open, high_open)}.{hint}")
-
-
-def check_k(name: str, k: Any) -> int:
-  """``k`` (steps from one SAM step to the next) is a structural int ≥ 1."""
-  if isinstance(k, jax.Array):
-    raise TypeError(base.STATIC_ARG.format(name=name, arg="k"))
-  if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-    raise ValueError(
-        f"`{name}(k={k!r})`: k is the number of steps from one SAM step to "
-        "the next and must be an integer ≥ 1 (k=1 runs SAM on every step). "
-        "The papers use k=5.")
-  return int(k)
 
 
 def _block(name, rule, rho, *, has_aux, axis_name, m, group_loop, mask,
@@ -104,13 +54,9 @@ def _block(name, rule, rho, *, has_aux, axis_name, m, group_loop, mask,
 
 
 def _asam_rule(name, eta, operator):
-  if operator not in adaptive.ASAM_OPERATORS:
-    raise ValueError(
-        f"`{name}(operator={operator!r})`: unknown normalization operator. "
-        "Use 'official' (T_w = |w| + η on weight matrices, 1 on biases; the "
-        "default), 'all' (|w| + η on every leaf) or 'abs' (|w| on every "
-        "leaf, no η).")
-  check_range(name, "eta", eta, hint=" The paper uses eta=0.01.")
+  checks.check_choice(checks.BAD_ASAM_OPERATOR, operator,
+                      adaptive.ASAM_OPERATORS, name=name, operator=operator)
+  checks.check_range(name, "eta", eta, hint=" The paper uses eta=0.01.")
   return adaptive.asam(eta, operator=operator)
 
 
@@ -269,7 +215,7 @@ def asam(
 
 
 def _fisher_rule(name, eta):
-  check_range(name, "eta", eta, hint=" The paper uses eta=1.0.")
+  checks.check_range(name, "eta", eta, hint=" The paper uses eta=1.0.")
   return adaptive.fisher(eta)
 
 
@@ -458,20 +404,16 @@ def rho_from_learning_rate(
   name = "sam_optax.rho_from_learning_rate"
   for arg, value in (("rho_max", rho_max), ("rho_min", rho_min),
                      ("lr_min", lr_min)):
-    check_range(name, arg, value)
+    checks.check_range(name, arg, value)
   if lr_max is None:
     if callable(learning_rate):
-      raise ValueError(
-          f"`{name}(..., lr_max=None)`: with a learning-rate schedule, pass "
-          "its peak value `lr_max=` (and its final value `lr_min=`), so that "
-          "ρ goes from rho_max at the peak to rho_min at the end.")
+      raise ValueError(checks.LR_MAX_NEEDED.format(name=name))
     lr_max = learning_rate
-  check_range(name, "lr_max", lr_max)
+  checks.check_range(name, "lr_max", lr_max)
   span = float(lr_max) - float(lr_min)
   if span < 0:
-    raise ValueError(
-        f"`{name}(lr_max={lr_max!r}, lr_min={lr_min!r})`: lr_max must be ≥ "
-        "lr_min (the peak and the final learning rate).")
+    raise ValueError(checks.LR_MAX_BELOW_MIN.format(
+        name=name, lr_max=lr_max, lr_min=lr_min))
 
   def schedule(count):
     lr = learning_rate(count) if callable(learning_rate) else learning_rate
@@ -486,7 +428,7 @@ def rho_from_learning_rate(
 
 
 def _gsam_rule(name, alpha):
-  check_range(name, "alpha", alpha,
+  checks.check_range(name, "alpha", alpha,
               hint=" α = 0 gives SAM; the paper uses 0.01–0.6.")
   return gap.gsam(alpha)
 
@@ -635,7 +577,7 @@ def gsam(
 
 
 def _gnp_rule(name, alpha):
-  check_range(name, "alpha", alpha, high=1.0,
+  checks.check_range(name, "alpha", alpha, high=1.0,
               hint=" α = 0 is the plain gradient, α = 1 is SAM; the paper "
               "uses 0.8.")
   return gap.gradient_norm_penalty(alpha)
@@ -775,8 +717,8 @@ def gnp(
 
 
 def _looksam_rule(name, k, alpha):
-  k = check_k(name, k)
-  check_range(name, "alpha", alpha, hint=" The paper uses alpha=0.7.")
+  k = checks.check_k(name, k)
+  checks.check_range(name, "alpha", alpha, hint=" The paper uses alpha=0.7.")
   return reuse.looksam(alpha, k)
 
 
@@ -982,7 +924,7 @@ def interval_sharpness_aware(
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
   """
   name = "sam_optax.interval_sharpness_aware"
-  return _block(name, reuse.interval(check_k(name, k)), rho, has_aux=has_aux,
+  return _block(name, reuse.interval(checks.check_k(name, k)), rho, has_aux=has_aux,
                 axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale)
 
@@ -1039,7 +981,7 @@ def interval_sam(
   """
   name = "sam_optax.interval_sam"
   return optax.chain(
-      _block(name, reuse.interval(check_k(name, k)), rho, has_aux=has_aux,
+      _block(name, reuse.interval(checks.check_k(name, k)), rho, has_aux=has_aux,
              axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
              track_cosine=track_cosine, rho_scale=rho_scale),
       base_optimizer)
@@ -1049,7 +991,7 @@ def interval_sam(
 
 
 def _vasso_rule(name, theta):
-  check_range(name, "theta", theta, high=1.0, low_open=True,
+  checks.check_range(name, "theta", theta, high=1.0, low_open=True,
               hint=" θ = 1 is SAM; the reference code uses theta=0.9.")
   return momentum_rules.vasso(theta)
 
@@ -1185,9 +1127,9 @@ def vasso(
 
 
 def _friendly_rule(name, sigma, decay):
-  check_range(name, "sigma", sigma,
+  checks.check_range(name, "sigma", sigma,
               hint=" σ = 0 is SAM; the paper uses sigma=1.")
-  check_range(name, "decay", decay, high=1.0, high_open=True,
+  checks.check_range(name, "decay", decay, high=1.0, high_open=True,
               hint=" The reference code uses decay=0.95 (the paper's λ).")
   return momentum_rules.friendly(sigma, decay)
 
@@ -1409,6 +1351,6 @@ def msam(
     weight decay at the perturbed params.
   """
   name = "sam_optax.msam"
-  check_range(name, "momentum", momentum, high=1.0, high_open=True,
+  checks.check_range(name, "momentum", momentum, high=1.0, high_open=True,
               hint=" Use the base optimizer's momentum, for example 0.9.")
   return msam_lib.momentum_sam(base_optimizer, rho, momentum, name=name)

@@ -35,18 +35,3 @@ def sam_ascent(grads, state, params):
   return numerics.dual_direction(grads, 2.0), state
 
 
-def validate_p(name: str, p, normalize: bool) -> float:
-  """Checks the norm ``p`` (``None`` means 2) and returns it as a float."""
-  if p is None:
-    return 2.0
-  if isinstance(p, jax.Array):
-    raise TypeError(base.STATIC_ARG.format(name=name, arg="p"))
-  try:
-    p = float(p)
-  except (TypeError, ValueError):
-    raise ValueError(base.BAD_P.format(name=name, p=p)) from None
-  if math.isnan(p) or p <= 1:
-    raise ValueError(base.BAD_P.format(name=name, p=p))
-  if not normalize and p != 2:
-    raise ValueError(base.UNNORMALIZED_P.format(name=name, p=p))
-  return p

@@ -1,0 +1,518 @@
+"""Every check of a sharpness-aware call, and every message template.
+
+Each message says the call, what is wrong, why, and the exact fix; the tests
+assert them. Checks of hyper-parameters run once, at construction, on concrete
+Python/numpy values only (``optax.inject_hyperparams`` hands the factories
+arrays, possibly traced, which pass unchecked); checks of an ``update`` call
+run at trace time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+# --- Message templates (asserted by the tests). ------------------------------
+
+
+MISSING_LOSS_FN = (
+    "`{name}.update` needs the keyword argument `loss_fn` (received none). "
+    "A sharpness-aware step re-evaluates the loss at the perturbed params, so "
+    "call `tx.update(grads, state, params, loss_fn=loss_fn)` where "
+    "`loss_fn(params)` returns the scalar loss of the current batch{aux_hint}."
+)
+MISSING_PARAMS = (
+    "`{name}.update` needs `params` (received None): the perturbation is "
+    "applied to the current params. Call `tx.update(grads, state, params, "
+    "loss_fn=loss_fn)`."
+)
+TREE_MISMATCH = (
+    "`{name}.update`: `updates` and `params` have different tree structures "
+    "(updates: {updates}; params: {params}). Pass the gradient of `loss_fn` "
+    "with respect to exactly the params given to `update`."
+)
+NON_FLOAT_PARAMS = (
+    "`{name}`: params leaf {path} has dtype {dtype}; sharpness-aware methods "
+    "perturb every param, so params must be floating point. Keep integer "
+    "state (counters, indices) out of the params tree, or wrap the "
+    "transform in `optax.masked` to skip those leaves."
+)
+LOSS_RETURNED_TUPLE = (
+    "`{name}`: `loss_fn` returned a {kind} of length {n}, but `has_aux=False`. "
+    "If it returns `(loss, aux)`, create the transform with `has_aux=True`; "
+    "otherwise make `loss_fn` return the scalar loss."
+)
+LOSS_NOT_AUX_PAIR = (
+    "`{name}(..., has_aux=True)`: `loss_fn` must return a pair `(loss, aux)`, "
+    "but it returned {got}. Return `(loss, aux)`, or drop `has_aux=True` if "
+    "the loss has no auxiliary output."
+)
+LOSS_NOT_SCALAR = (
+    "`{name}`: `loss_fn` must return a scalar loss, but it returned an array "
+    "of shape {shape}. Reduce it (for example `jnp.mean(per_example_loss)`)."
+)
+LOSS_NOT_FLOAT = (
+    "`{name}`: `loss_fn` must return a floating-point loss, but it returned "
+    "dtype {dtype}."
+)
+BAD_RHO = (
+    "`{name}(rho={rho!r})`: ρ must be a finite number ≥ 0 (or an optax "
+    "schedule). Use `rho=0.05` for plain SAM; `rho=0` gives the base optimizer."
+)
+BAD_P = (
+    "`{name}(p={p!r})`: the perturbation norm p must be > 1 (for example "
+    "`p=2`, the default, or `p=float('inf')`); p = 1 has no well-defined "
+    "steepest-ascent direction."
+)
+UNNORMALIZED_P = (
+    "`{name}(normalize=False, p={p!r})`: the unnormalized step (USAM) is "
+    "`ε = ρ g` and has no norm; drop `p` or use `normalize=True`."
+)
+AXIS_NOT_BOUND = (
+    "`{name}(..., axis_name={axis!r})`: no axis named {axis!r} is bound here. "
+    "Call `update` inside `jax.shard_map` or `jax.pmap` over that axis, or "
+    "pass `axis_name=None` for single-device (or plain `jit`) training."
+)
+STATIC_ARG = (
+    "`{name}`: `{arg}` is structural (it selects the computation) and cannot "
+    "be a traced or injected array. With `optax.inject_hyperparams`, list it "
+    "in `static_args`: `optax.inject_hyperparams({name}, "
+    "static_args=('{arg}',))(...)`."
+)
+INSIDE_OPTAX_MASKED = (
+    "`{name}` inside `optax.masked`: the masked wrapper hands the transform "
+    "only part of the params, but `loss_fn` needs all of them. To perturb "
+    "only some leaves, use the transform's own option instead: "
+    "`{name}(..., mask=mask)`."
+)
+
+GRADS_NOT_PER_DEVICE = (
+    "`{name}(..., axis_name={axis!r})`: the gradients passed to `update` are "
+    "identical on every device (not varying over {axis!r}). Under "
+    "`jax.shard_map`, `jax.grad` with respect to replicated params returns the "
+    "SUM of all devices' gradients, so each device would perturb with the "
+    "global gradient and m-sharpness is lost. Differentiate with respect to "
+    "`sam_optax.per_device(params, {axis!r})` (that is, "
+    "`jax.lax.pcast(params, {axis!r}, to='varying')`) so that each device gets "
+    "its own gradient."
+)
+
+PER_DEVICE_NOT_BOUND = (
+    "`sam_optax.per_device(params, {axis!r})`: no axis named {axis!r} is bound "
+    "here. Call it inside the `jax.shard_map` (or `jax.pmap`) function that "
+    "maps over {axis!r}; under plain `jax.jit` there is nothing to do, so drop "
+    "the call."
+)
+
+MISSING_BATCH = (
+    "`{name}(m={m})`: `update` needs `batch=`, a pytree whose leaves have a "
+    "leading batch axis, to give each group of m examples its own "
+    "perturbation (received none). Call `tx.update(grads, state, params, "
+    "loss_fn=loss_fn, batch=batch)` with `loss_fn(params, chunk)`."
+)
+
+BAD_BATCH_SIZE = (
+    "`{name}(m={m})`: m (examples per perturbation) must divide the "
+    "(per-device) batch size, but the batch has {b} examples. Pick m among "
+    "the divisors of {b} ({divisors}), or change the batch size."
+)
+
+LOSS_FN_ARITY_M = (
+    "`{name}(m={m})`: with `m`, `loss_fn` is called as `loss_fn(params, "
+    "chunk)` on each group of m examples, but the given `loss_fn` cannot take "
+    "two positional arguments (signature {sig}). Write it as "
+    "`loss_fn(params, batch)` and pass the batch as `batch=`, or drop `m` and "
+    "use a `loss_fn(params)` that closes over the batch."
+)
+
+LOSS_FN_ARITY_NO_M = (
+    "`{name}`: `loss_fn` is called as `loss_fn(params)`, but the given "
+    "`loss_fn` needs more positional arguments (signature {sig}). Close over "
+    "the batch (`loss_fn=lambda p: loss(p, batch)`), or, for m-sharpness "
+    "inside a device, create the transform with `m=` and pass `batch=`."
+)
+
+GROUP_GRADS_WITHOUT_M = (
+    "`{name}.update(..., group_grads=...)`: per-group gradients are only used "
+    "with in-device m-sharpness, but the transform was created without `m`. "
+    "Create it with `{name}(..., m=m)` (the same m as in "
+    "`sam_optax.group_value_and_grad(loss_fn, m)`), or drop `group_grads`."
+)
+
+BAD_GROUP_GRADS = (
+    "`{name}.update(..., group_grads=...)`: expected a pytree like params with "
+    "a leading axis of {groups} groups (batch of {b} examples / m={m}), as "
+    "returned by `sam_optax.group_value_and_grad(loss_fn, {m})(params, "
+    "batch)`; {got}."
+)
+
+BAD_GROUP_LOOP = (
+    "`{name}(group_loop={loop!r})`: unknown way to run over the groups of m "
+    "examples. Use 'vmap' (all groups in one vectorized pass; the default), "
+    "'scan' (one group at a time in a loop: memory of one perturbed copy of "
+    "the params) or 'unroll' (one group at a time, unrolled into the "
+    "compiled program)."
+)
+BAD_M = (
+    "`{name}(m={m!r})`: m is the number of examples per perturbation and must "
+    "be a positive integer{alt}."
+)
+M_WITH_STATEFUL_RULE = (
+    "`{name}(m={m})`: this method keeps state across steps and cannot give "
+    "each group of examples its own perturbation. Drop `m`, or use "
+    "`axis_name` for one perturbation per device."
+)
+GROUP_LOOP_WITHOUT_M = (
+    "`{name}(group_loop={loop!r})`: group_loop says how the groups of m "
+    "examples run (in-device m-sharpness), but `m` is not set, so there are no "
+    "groups. Set `m=` (and pass `batch=` to `update`), or drop `group_loop`."
+)
+BAD_AXIS_NAME = (
+    "`{name}(axis_name={axis!r})`: expected a mapped axis name (a str, or a "
+    "tuple of str), as given to `jax.pmap` or `jax.shard_map`."
+)
+LEAFWISE_MISMATCH = (
+    "`{name}(...)`, argument `{arg}`: the {arg} tree does not match the params "
+    "tree (params: {params}; {arg}: {tree}). Give {what} per params leaf, or a "
+    "callable `params -> {arg}`."
+)
+BAD_RHO_SCALE = (
+    "`{name}(..., rho_scale=...)`: leaf {path} is {leaf!r}; per-leaf ρ "
+    "multipliers must be finite numbers ≥ 0 (0 leaves that leaf unperturbed, 1 "
+    "keeps ρ)."
+)
+KNOB_IS_CALLABLE = (
+    "`{name}({arg}=<callable>)`: {arg} must be a number (or a scalar array), "
+    "not a schedule. To change it during training, build the optimizer with "
+    "`optax.inject_hyperparams({name})(...)` and set "
+    "`state.hyperparams['{arg}']`."
+)
+KNOB_IS_BOOL = "`{name}({arg}={value!r})`: expected a number, got a bool."
+KNOB_NOT_SCALAR = "`{name}({arg}=...)`: {arg} must be a scalar, got shape {shape}."
+KNOB_OUT_OF_RANGE = (
+    "`{name}({arg}={value!r})`: {arg} must be a finite number {interval}.{hint}"
+)
+BAD_K = (
+    "`{name}(k={k!r})`: k is the number of steps from one SAM step to the next "
+    "and must be an integer ≥ 1 (k=1 runs SAM on every step). The papers use "
+    "k=5."
+)
+BAD_ASAM_OPERATOR = (
+    "`{name}(operator={operator!r})`: unknown normalization operator. Use "
+    "'official' (T_w = |w| + η on weight matrices, 1 on biases; the default), "
+    "'all' (|w| + η on every leaf) or 'abs' (|w| on every leaf, no η)."
+)
+EMPTY_BATCH = "`{name}(m={m})`: `batch` has no arrays."
+RAGGED_BATCH = (
+    "`{name}(m={m})`: every leaf of `batch` needs the same leading batch axis; "
+    "got leading sizes {sizes}."
+)
+RULE_STATE_STRUCTURE = (
+    "A perturbation rule's `ascent` must return a rule state with the same "
+    "tree structure as the one it received."
+)
+LR_MAX_NEEDED = (
+    "`{name}(..., lr_max=None)`: with a learning-rate schedule, pass its peak "
+    "value `lr_max=` (and its final value `lr_min=`), so that ρ goes from "
+    "rho_max at the peak to rho_min at the end."
+)
+LR_MAX_BELOW_MIN = (
+    "`{name}(lr_max={lr_max!r}, lr_min={lr_min!r})`: lr_max must be ≥ lr_min "
+    "(the peak and the final learning rate)."
+)
+GET_INFO_NOT_ONE = (
+    "`sam_optax.get_info`: expected exactly one sharpness-aware block in the "
+    "optimizer state, found {found}. Pass the state returned by a `sam_optax` "
+    "transform (or the part of it that belongs to one)."
+)
+REMOVE_PERTURBATION_NOT_ONE = (
+    "`sam_optax.remove_perturbation`: expected the state of exactly one "
+    "`sam_optax.msam` in `opt_state`, found {found}. Only MSAM hands back "
+    "perturbed params (every other sam_optax transform returns unperturbed "
+    "ones, so there is nothing to remove); pass the state returned by "
+    "`tx.update` of an `msam` optimizer."
+)
+
+
+# --- Hyper-parameters, at construction. ---------------------------------------
+
+
+def _is_concrete_number(value) -> bool:
+  return isinstance(value, (numbers.Real, np.ndarray, np.generic))
+
+
+def check_rho(name: str, rho) -> None:
+  """ρ: a finite number ≥ 0, or a schedule / array (checked at run time)."""
+  if callable(rho) or not _is_concrete_number(rho):
+    return
+  v = float(np.asarray(rho))
+  if isinstance(rho, bool) or not math.isfinite(v) or v < 0:
+    raise ValueError(BAD_RHO.format(name=name, rho=rho))
+
+
+def _interval_text(low, high, low_open, high_open) -> str:
+  if high is None:
+    return f"{'>' if low_open else '≥'} {low:g}"
+  return (f"in {'(' if low_open else '['}{low:g}, {high:g}"
+          f"{')' if high_open else ']'}")
+
+
+def check_range(name: str, arg: str, value: Any, *, low: float = 0.0,
+                high: Optional[float] = None, low_open: bool = False,
+                high_open: bool = False, hint: str = "") -> None:
+  """Raises for a concrete number outside the range; arrays pass unchecked."""
+  if callable(value):
+    raise TypeError(KNOB_IS_CALLABLE.format(name=name, arg=arg))
+  if isinstance(value, bool):
+    raise TypeError(KNOB_IS_BOOL.format(name=name, arg=arg, value=value))
+  if not _is_concrete_number(value):
+    return
+  if np.ndim(value) != 0:
+    raise ValueError(KNOB_NOT_SCALAR.format(name=name, arg=arg,
+                                            shape=np.shape(value)))
+  v = float(np.asarray(value))
+  ok = math.isfinite(v) and (v > low if low_open else v >= low)
+  if high is not None:
+    ok = ok and (v < high if high_open else v <= high)
+  if not ok:
+    raise ValueError(KNOB_OUT_OF_RANGE.format(
+        name=name, arg=arg, value=value, hint=hint,
+        interval=_interval_text(low, high, low_open, high_open)))
+
+
+def check_static(name: str, arg: str, value) -> None:
+  """A structural argument cannot be a (traced or injected) array."""
+  if isinstance(value, jax.Array):
+    raise TypeError(STATIC_ARG.format(name=name, arg=arg))
+
+
+def is_positive_int(value) -> bool:
+  return (not isinstance(value, bool) and isinstance(value, numbers.Integral)
+          and value >= 1)
+
+
+def check_k(name: str, k: Any) -> int:
+  """``k`` (steps from one SAM step to the next) is a structural int ≥ 1."""
+  check_static(name, "k", k)
+  if not is_positive_int(k):
+    raise ValueError(BAD_K.format(name=name, k=k))
+  return int(k)
+
+
+def check_p(name: str, p, normalize: bool) -> float:
+  """The norm ``p`` of the ρ-ball (``None`` means 2), as a float."""
+  if p is None:
+    return 2.0
+  check_static(name, "p", p)
+  try:
+    p = float(p)
+  except (TypeError, ValueError):
+    raise ValueError(BAD_P.format(name=name, p=p)) from None
+  if math.isnan(p) or p <= 1:
+    raise ValueError(BAD_P.format(name=name, p=p))
+  if not normalize and p != 2:
+    raise ValueError(UNNORMALIZED_P.format(name=name, p=p))
+  return p
+
+
+def check_choice(template: str, value, choices, **fields) -> str:
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(template.format(**fields))
+  return value
+
+
+def check_rho_scale(name: str, rho_scale) -> None:
+  """Raises for concrete negative or non-finite per-leaf ρ multipliers."""
+  if rho_scale is None or callable(rho_scale):
+    return
+  for path, leaf in jax.tree_util.tree_leaves_with_path(rho_scale):
+    if not _is_concrete_number(leaf):
+      continue  # arrays (possibly traced) are used as given
+    v = np.asarray(leaf, np.float64)
+    if isinstance(leaf, bool) or not np.all(np.isfinite(v)) or np.any(v < 0):
+      raise ValueError(BAD_RHO_SCALE.format(
+          name=name, path=jax.tree_util.keystr(path), leaf=leaf))
+
+
+GROUP_LOOPS = ("vmap", "scan", "unroll")
+
+
+def check_placement(name: str, *, axis_name, m, group_loop,
+                    supports_groups: bool = True) -> None:
+  """``axis_name``, ``m`` and ``group_loop`` of a transform's factory."""
+  check_static(name, "m", m)
+  if m is not None:
+    if not is_positive_int(m):
+      raise ValueError(BAD_M.format(
+          name=name, m=m, alt=" (or None for one perturbation per batch)"))
+    if not supports_groups:
+      raise ValueError(M_WITH_STATEFUL_RULE.format(name=name, m=m))
+  check_choice(BAD_GROUP_LOOP, group_loop, GROUP_LOOPS, name=name,
+               loop=group_loop)
+  if m is None and group_loop != "vmap":
+    raise ValueError(GROUP_LOOP_WITHOUT_M.format(name=name, loop=group_loop))
+  if axis_name is not None and not isinstance(axis_name, (str, tuple)):
+    raise TypeError(BAD_AXIS_NAME.format(name=name, axis=axis_name))
+
+
+# --- Params and the loss function. ----------------------------------------------
+
+
+def check_float_params(name: str, params) -> None:
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+      dtype = jnp.asarray(leaf).dtype
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(NON_FLOAT_PARAMS.format(
+          name=name, path=jax.tree_util.keystr(path) or "<root>", dtype=dtype))
+
+
+def checked_loss(loss_fn: Callable, has_aux: bool, name: str) -> Callable:
+  """Wraps ``loss_fn`` so that it returns ``(loss, aux)`` or raises clearly."""
+
+  def wrapped(*args):
+    out = loss_fn(*args)
+    if has_aux:
+      if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        got = (f"a {type(out).__name__} of length {len(out)}"
+               if isinstance(out, (tuple, list)) else
+               f"a single value of shape {jnp.shape(out)}")
+        raise TypeError(LOSS_NOT_AUX_PAIR.format(name=name, got=got))
+      loss, aux = out
+    else:
+      if isinstance(out, (tuple, list)):
+        raise TypeError(LOSS_RETURNED_TUPLE.format(
+            name=name, kind=type(out).__name__, n=len(out)))
+      loss, aux = out, None
+    loss = jnp.asarray(loss)
+    if loss.shape != ():
+      raise ValueError(LOSS_NOT_SCALAR.format(name=name, shape=loss.shape))
+    if not jnp.issubdtype(loss.dtype, jnp.floating):
+      raise TypeError(LOSS_NOT_FLOAT.format(name=name, dtype=loss.dtype))
+    return loss, aux
+
+  return wrapped
+
+
+def _signature_text(fn) -> str:
+  try:
+    return str(inspect.signature(fn))
+  except (TypeError, ValueError):
+    return "unknown"
+
+
+def _takes_positional(fn, n: int):
+  """Whether ``fn`` accepts ``n`` positional args; None if it cannot be told."""
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return None
+  try:
+    sig.bind(*([None] * n))
+  except TypeError:
+    return False
+  return True
+
+
+def check_loss_fn_arity(name: str, loss_fn: Callable, m) -> None:
+  """``loss_fn(params, chunk)`` with ``m``, ``loss_fn(params)`` without.
+
+  Functions whose signature cannot be read are let through.
+  """
+  if m is not None:
+    if _takes_positional(loss_fn, 2) is False:
+      raise TypeError(LOSS_FN_ARITY_M.format(
+          name=name, m=m, sig=_signature_text(loss_fn)))
+  elif (_takes_positional(loss_fn, 1) is False
+        and _takes_positional(loss_fn, 2) is True):
+    raise TypeError(LOSS_FN_ARITY_NO_M.format(
+        name=name, sig=_signature_text(loss_fn)))
+
+
+def resolve_leafwise(name: str, arg: str, value, params, what: str):
+  """``value`` (a pytree like params, or ``params -> pytree``) as a pytree."""
+  if value is None:
+    return None
+  tree = value(params) if callable(value) else value
+  try:
+    jax.tree.map(lambda _, __: None, params, tree)
+  except ValueError as e:
+    raise ValueError(LEAFWISE_MISMATCH.format(
+        name=name, arg=arg, what=what, params=jax.tree.structure(params),
+        tree=jax.tree.structure(tree))) from e
+  return tree
+
+
+# --- An `update` call. ------------------------------------------------------------
+
+
+def check_update_call(name: str, *, updates, params, loss_fn, has_aux: bool,
+                      m) -> None:
+  """What every ``update`` of a second-pass transform needs."""
+  if loss_fn is None:
+    hint = "; with `has_aux=True` it returns `(loss, aux)`" if has_aux else ""
+    if m is not None:
+      hint += " (with `m=`, `loss_fn(params, chunk)` and `batch=` are needed)"
+    raise TypeError(MISSING_LOSS_FN.format(name=name, aux_hint=hint))
+  if params is None:
+    raise ValueError(MISSING_PARAMS.format(name=name))
+  if any(isinstance(x, optax.MaskedNode) for x in jax.tree.leaves(
+      params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))):
+    raise ValueError(INSIDE_OPTAX_MASKED.format(name=name))
+  if jax.tree.structure(updates) != jax.tree.structure(params):
+    raise ValueError(TREE_MISMATCH.format(
+        name=name, updates=jax.tree.structure(updates),
+        params=jax.tree.structure(params)))
+  check_loss_fn_arity(name, loss_fn, m)
+
+
+def _divisors(b: int) -> str:
+  ds = [d for d in range(1, b + 1) if b % d == 0]
+  return ", ".join(map(str, ds[:12])) + (", ..." if len(ds) > 12 else "")
+
+
+def batch_size(name: str, batch, m: int) -> int:
+  """The leading size shared by every leaf of ``batch``; checks that m divides it."""
+  if batch is None:
+    raise TypeError(MISSING_BATCH.format(name=name, m=m))
+  leaves = jax.tree.leaves(batch)
+  if not leaves:
+    raise ValueError(EMPTY_BATCH.format(name=name, m=m))
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(RAGGED_BATCH.format(name=name, m=m,
+                                         sizes=sorted(map(str, sizes))))
+  (b,) = sizes
+  if b % m:
+    raise ValueError(BAD_BATCH_SIZE.format(
+        name=name, m=m, b=b, divisors=_divisors(b)))
+  return b
+
+
+def check_group_grads(name: str, group_grads, params, b: int, m) -> None:
+  """``group_grads`` is params-like with ``b // m`` groups in front (needs m)."""
+  if group_grads is None:
+    return
+  if m is None:
+    raise ValueError(GROUP_GRADS_WITHOUT_M.format(name=name))
+  groups = b // m
+  if jax.tree.structure(group_grads) != jax.tree.structure(params):
+    raise ValueError(BAD_GROUP_GRADS.format(
+        name=name, groups=groups, b=b, m=m,
+        got=f"got tree {jax.tree.structure(group_grads)}"))
+  for (path, p), g in zip(jax.tree_util.tree_leaves_with_path(params),
+                          jax.tree.leaves(group_grads)):
+    want = (groups,) + tuple(jnp.shape(p))
+    if tuple(jnp.shape(g)) != want:
+      raise ValueError(BAD_GROUP_GRADS.format(
+          name=name, groups=groups, b=b, m=m,
+          got=f"leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
+              f"{tuple(jnp.shape(g))}, expected {want}"))
