@@ -6,7 +6,7 @@ from sam_optax._src.base import PerturbationRule as PerturbationRule
 from sam_optax._src.base import SAMInfo as SAMInfo
 from sam_optax._src.base import SharpnessAwareState as SharpnessAwareState
 from sam_optax._src.core import sharpness_aware_transform as sharpness_aware_transform
-from sam_optax._src.distributed import group_value_and_grad as group_value_and_grad
+from sam_optax._src.groups import group_value_and_grad as group_value_and_grad
 from sam_optax._src.distributed import per_device as per_device
 from sam_optax._src.info import get_info as get_info
 from sam_optax._src.msam import MomentumSAMState as MomentumSAMState

@@ -12,17 +12,22 @@ m-sharpness gives every group of ``m`` examples its own perturbation
 * both at once (``axis_name=`` and ``m=``);
 * the whole global batch (neither): plain SAM, also when the batch is sharded
   over devices with ``NamedSharding`` under ``jax.jit``.
+
+A :class:`Placement` owns that choice for the core: it maps the perturbed
+gradient over the perturbations and reduces the result once.
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from sam_optax._src import checks
+from sam_optax._src import groups
 
 class LossCall(NamedTuple):
   """How the step is calling ``loss_fn`` right now, for adapters to read.
@@ -203,185 +208,99 @@ def reducible_state(old_state, new_state, axis_name) -> list[bool]:
   return [needs(o, n) for o, n in zip(old, new)]
 
 
-# --- In-device groups (m=) -------------------------------------------------
+# --- Placement: where the perturbations live. ----------------------------------
 
 
-def split_batch(name: str, batch, m: int):
-  """Reshapes every leaf ``[b, ...]`` of ``batch`` to ``[b // m, m, ...]``."""
-  b = checks.batch_size(name, batch, m)
-  return jax.tree.map(
-      lambda x: jnp.reshape(x, (b // m, m) + jnp.shape(x)[1:]), batch)
+class Perturbed(NamedTuple):
+  """The second pass, averaged over the perturbations of this device.
 
-
-def map_groups(fn, xs, group_loop: str):
-  """``fn`` on every slice of ``xs`` along the leading axis, outputs stacked.
-
-  ``'vmap'`` vectorizes over the groups; ``'scan'`` and ``'unroll'`` run one
-  group at a time (``jax.lax.scan``, rolled or fully unrolled).
-  """
-  if group_loop == "vmap":
-    return jax.vmap(fn)(xs)
-  _, ys = jax.lax.scan(lambda carry, x: (carry, fn(x)), None, xs,
-                       unroll=group_loop == "unroll")
-  return ys
-
-
-def mean_over_groups(fn, xs, group_loop: str, axis_name=None):
-  """The mean over groups of ``fn(x)`` for every slice ``x`` of ``xs``.
-
-  With ``'vmap'`` every group's output is materialized and then averaged
-  (:func:`group_mean`); with ``'scan'``/``'unroll'`` the outputs are summed
-  into a float32 accumulator one group at a time, so only one group's output
-  (its perturbed params and gradient, in the second pass) is alive at once.
-  Outputs keep their dtype. ``axis_name``: the mapped axis the outputs vary
-  over, if any (the accumulator is typed to match under ``shard_map``).
-  """
-  if group_loop == "vmap":
-    return group_mean(jax.vmap(fn)(xs))
-  k = jax.tree.leaves(xs)[0].shape[0]
-  first = jax.tree.map(lambda x: x[0], xs)
-  shapes = jax.eval_shape(fn, first)
-  acc = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
-  if axis_name is not None:
-    acc = as_varying(acc, axis_name)
-
-  def body(acc, x):
-    out = fn(x)
-    return jax.tree.map(lambda a, o: a + o.astype(jnp.float32), acc, out), None
-
-  acc, _ = jax.lax.scan(body, acc, xs, unroll=group_loop == "unroll")
-  return jax.tree.map(lambda a, s: (a / k).astype(s.dtype), acc, shapes)
-
-
-def group_mean(tree):
-  """Mean over the leading (group) axis of every leaf, in the leaf's dtype.
-
-  Written as a contraction with a vector of ``1/K`` (at the highest matmul
-  precision) rather than ``jnp.mean(x, axis=0)``: XLA's CPU backend runs a
-  leading-axis reduction of a batched matmul's output several times slower
-  than the matmul itself, and the contraction avoids it on every backend.
+  Attributes:
+    loss: ``L(w + ε)`` (float32).
+    grads: ``∇L(w + ε)``, like params.
+    eps_norm: ``‖ε‖₂`` (float32).
+    rule_state: the rule state after ``ascent``.
+    reduce: per rule-state leaf, whether it must be averaged over devices.
   """
 
-  def mean(x):
-    k = jnp.shape(x)[0]
-    weights = jnp.full((k,), 1.0 / k, jnp.result_type(x))
-    return jnp.tensordot(weights, x, axes=1,
-                         precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
-
-  return jax.tree.map(mean, tree)
+  loss: Any
+  grads: Any
+  eps_norm: Any
+  rule_state: Any
+  reduce: tuple
 
 
-def group_value_and_grad(
-    loss_fn: Callable[..., Any],
-    m: int,
-    *,
-    has_aux: bool = False,
-    group_loop: str = "vmap",
-) -> Callable[..., tuple[Any, Any, Any]]:
-  r"""Loss, gradient and per-group gradients for in-device m-sharpness, in one pass.
+class Placement(NamedTuple):
+  """One batch, per device (``axis_name``), per group (``m``), or both.
 
-  Splits the batch into groups of ``m`` examples and evaluates
-  ``jax.value_and_grad(loss_fn)`` on every group (by default at once,
-  ``jax.vmap`` over groups with the params shared), so it costs one forward
-  and backward pass over the batch, like ``jax.value_and_grad`` of the whole
-  batch:
-
-  .. math::
-    g_k = \nabla_w L(w; B_k), \qquad g = \tfrac{1}{K}\textstyle\sum_k g_k,
-    \qquad K = b / m.
-
-  Hand ``g`` to ``update`` as the gradient and the ``g_k`` as
-  ``group_grads=``: the sharpness-aware transform (created with the same
-  ``m``) then only adds the perturbed pass, so a step costs two passes.
-  Without ``group_grads=`` the transform recomputes the ``g_k`` itself, a
-  third pass.
-
-  For a ``loss_fn`` that averages over examples, ``g`` and the returned loss
-  are those of the whole batch. Under ``jax.shard_map`` (with ``axis_name=``
-  as well as ``m=``), call it on ``sam_optax.per_device(params, axis_name)``
-  so that the gradients are the device's own.
-
-  Args:
-    loss_fn: ``loss_fn(params, chunk) -> loss`` (or ``(loss, aux)`` with
-      ``has_aux=True``), where ``chunk`` is ``batch`` restricted to ``m``
-      examples along the leading axis of every leaf.
-    m: examples per perturbation, a positive integer dividing the batch size.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``aux`` is then
-      returned stacked over groups (leading axis ``b // m``).
-    group_loop: how to run over the groups: ``'vmap'`` (default; one
-      vectorized pass), ``'scan'`` (one group at a time in a
-      ``jax.lax.scan``) or ``'unroll'`` (one group at a time, unrolled into
-      the compiled program). The result is the same; see the note below.
-
-  Returns:
-    A function ``(params, batch) -> (value, grads, group_grads)``: ``value``
-    is the mean loss over groups (``(loss, aux)`` with ``has_aux``),
-    ``grads`` the mean gradient (params-like), ``group_grads`` the per-group
-    gradients (params-like, leading axis ``b // m``).
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, optax, sam_optax
-    >>> def loss(w, chunk):
-    ...   x, y = chunk
-    ...   return jnp.mean((x @ w - y) ** 2)
-    >>> x = jnp.linspace(-1.0, 1.0, 24).reshape(8, 3)
-    >>> batch = (x, x @ jnp.array([1.0, -2.0, 0.5]))
-    >>> tx = sam_optax.sam(optax.sgd(0.1), rho=0.05, m=2)
-    >>> w = jnp.zeros(3)
-    >>> state = tx.init(w)
-    >>> value_grads = sam_optax.group_value_and_grad(loss, m=2)
-    >>> for _ in range(3):
-    ...   value, grads, group_grads = value_grads(w, batch)
-    ...   updates, state = tx.update(grads, state, w, loss_fn=loss,
-    ...                              batch=batch, group_grads=group_grads)
-    ...   w = optax.apply_updates(w, updates)
-    ...   print('{:.2E}'.format(value))
-    9.12E-02
-    5.19E-02
-    2.89E-02
-
-  .. note::
-    The per-group gradients take ``b // m`` times the memory of the params,
-    and with ``group_loop='vmap'`` so do the ``b // m`` perturbed copies of
-    the params in the transform's second pass (each pass is one vectorized
-    pass with the FLOPs of a plain forward/backward). Memory and elementwise
-    work grow as ``b / m`` params-sized buffers: that, not the matmuls, is
-    the price of a small ``m``. If it does not fit, use
-    ``group_loop='scan'``, raise ``m``, or lower the per-device batch and
-    spread the batch over more devices (``axis_name``), where each device's
-    groups cost memory only on that device.
-
-    ``group_loop`` (here and in the transforms) trades these off. ``'vmap'``
-    turns every weight into ``b // m`` copies inside one pass (batched
-    matmuls, grouped convolutions), one kernel per layer. ``'scan'`` runs
-    the groups one after another, so the transform's second pass holds one
-    perturbed copy at a time (memory of about one params-sized buffer
-    instead of ``b // m``), at the price of a sequential loop. ``'unroll'`` also runs them one after
-    another, as straight-line code: compile time and program size grow with
-    ``b // m``. On XLA:CPU, convolutions run far faster unrolled than either
-    vectorized over groups (about 1.9× against 3× an SGD step on a small
-    CNN) or inside a loop (12–16×); see
-    ``benchmarks/results/distributed.md``.
+  Attributes:
+    name: the public name of the transform (for messages).
+    axis_name: the mapped axis of per-device perturbations, or ``None``.
+    m: examples per in-device perturbation, or ``None``.
+    group_loop: how the in-device groups run.
   """
-  name = "sam_optax.group_value_and_grad"
-  if not checks.is_positive_int(m):
-    raise ValueError(checks.BAD_M.format(name=name, m=m, alt=""))
-  checks.check_loss_fn_arity(name, loss_fn, m)
-  checks.check_choice(checks.BAD_GROUP_LOOP, group_loop, checks.GROUP_LOOPS,
-                      name=name, loop=group_loop)
-  value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
-  def value_and_grads(params, batch):
-    chunks = split_batch(name, batch, m)
-    value, group_grads = map_groups(
-        lambda chunk: value_and_grad(params, chunk), chunks, group_loop)
-    if has_aux:
-      losses, aux = value
-      value = (jnp.mean(losses), aux)
-    else:
-      value = jnp.mean(value)
-    grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)),
-                         group_mean(group_grads), params)
-    return value, grads, group_grads
+  name: str
+  axis_name: Any = None
+  m: Optional[int] = None
+  group_loop: str = "vmap"
 
-  return value_and_grads
+  def check_call(self, grads, params, batch, group_grads) -> None:
+    """The parts of an ``update`` call that the placement needs."""
+    if self.axis_name is not None:
+      check_axis(self.name, self.axis_name, grads)
+    b = None if self.m is None else checks.batch_size(self.name, batch, self.m)
+    checks.check_group_grads(self.name, group_grads, params, b, self.m)
+
+  def declare(self, loss_fn: Callable) -> Callable:
+    """``loss_fn`` declaring this placement while it runs (:class:`LossCall`)."""
+    return declared(loss_fn, LossCall(self.name, self.m, self.group_loop,
+                                      self.axis_name))
+
+  def varying(self, tree):
+    """``tree`` typed per device (the identity without ``axis_name``)."""
+    return tree if self.axis_name is None else as_varying(tree, self.axis_name)
+
+  def map(self, perturbed_grad, grads, params, loss, batch, group_grads,
+          rule_state) -> Perturbed:
+    """``perturbed_grad(g, chunk, rule_state)`` over this device's perturbations.
+
+    ``perturbed_grad`` returns ``(loss, ∇L(w+ε), ‖ε‖, rule_state)`` for one
+    perturbation; with ``m`` it runs once per group (the rule state is then
+    unchanged: rules with state do not take ``m``), and the outputs are
+    averaged over the groups.
+    """
+    if self.m is None:
+      loss_p, g_p, eps_norm, new_state = perturbed_grad(grads, None, rule_state)
+      reduce = (() if self.axis_name is None else
+                tuple(reducible_state(rule_state, new_state, self.axis_name)))
+      return Perturbed(loss_p, g_p, eps_norm, new_state, reduce)
+    chunks = groups.split_batch(self.name, batch, self.m)
+    if group_grads is None:
+      # Not supplied (see `group_value_and_grad`): one extra pass.
+      w = self.varying(params)
+      grad = jax.grad(lambda p, c: loss(p, c)[0])
+      group_grads = groups.map_groups(functools.partial(grad, w), chunks,
+                                      self.group_loop)
+
+    def one_group(xs):
+      return perturbed_grad(*xs, rule_state)[:3]
+
+    loss_p, g_p, eps_norm = groups.mean_over_groups(
+        one_group, (group_grads, chunks), self.group_loop, self.varying)
+    return Perturbed(loss_p, g_p, eps_norm, rule_state, ())
+
+  def reduce_once(self, payload, perturbed: Perturbed):
+    """Averages ``payload`` and the per-device rule state: one all-reduce op.
+
+    Returns ``(payload, rule_state)``; the identity without ``axis_name``.
+    """
+    if self.axis_name is None:
+      return payload, perturbed.rule_state
+    leaves, treedef = jax.tree.flatten(perturbed.rule_state)
+    flags = perturbed.reduce or (False,) * len(leaves)
+    to_reduce = [x for x, r in zip(leaves, flags) if r]
+    payload, to_reduce = all_reduce_mean((payload, to_reduce), self.axis_name)
+    it = iter(to_reduce)
+    rule_state = jax.tree.unflatten(treedef, [
+        next(it) if r else x for x, r in zip(leaves, flags)])
+    return payload, rule_state

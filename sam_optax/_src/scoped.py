@@ -1,17 +1,23 @@
-"""Scoped perturbations: which leaves a sharpness-aware step perturbs.
+"""Scoped perturbations: which leaves a sharpness-aware step perturbs, and how far.
 
 Every sharpness-aware transform takes ``mask=`` (perturb only the leaves
 marked True; ε is normalized over them alone) and ``rho_scale=`` (per-leaf ρ).
-Both accept a pytree like params or a callable ``params -> pytree``; this
-module builds such callables from the params' paths.
+Both accept a pytree like params or a callable ``params -> pytree``. A
+:class:`Scope` owns them for the core: it restricts the gradient to the masked
+leaves and turns the rule's unit direction into ε. This module also builds
+mask callables from the params' paths.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, NamedTuple, Tuple
 
 import jax
+import jax.numpy as jnp
+
+from sam_optax._src import checks
+from sam_optax._src import numerics
 
 Path = Tuple[str, ...]
 
@@ -19,6 +25,49 @@ Path = Tuple[str, ...]
 # (BatchNorm_0, LayerNorm_3, GroupNorm, RMSNorm, final_norm, norm1, ...) or a
 # conventional short name (bn, bn1, bn_2, ln, ln_f, ln1, gn, gn3).
 _NORM_COMPONENT = re.compile(r"norm|^(bn|ln|gn)(_?\d+|_[a-z0-9]+)?$", re.IGNORECASE)
+
+
+class Scope(NamedTuple):
+  """``mask=`` and ``rho_scale=`` of a transform, resolved against the params.
+
+  Attributes:
+    mask: a pytree of bools like params, or ``None`` (every leaf).
+    rho_scale: a pytree of numbers like params, or ``None`` (1 everywhere).
+  """
+
+  mask: Any = None
+  rho_scale: Any = None
+
+  @classmethod
+  def resolve(cls, name: str, params, *, mask=None, rho_scale=None) -> "Scope":
+    """Resolves callables ``params -> pytree`` and checks the tree shapes."""
+    return cls(
+        mask=checks.resolve_leafwise(name, "mask", mask, params, "one bool"),
+        rho_scale=checks.resolve_leafwise(name, "rho_scale", rho_scale, params,
+                                          "one number"))
+
+  def restrict(self, tree):
+    """``tree`` with the leaves outside the mask set to zero."""
+    if self.mask is None:
+      return tree
+    return jax.tree.map(lambda x, keep: x if keep else jnp.zeros_like(x),
+                        tree, self.mask)
+
+  def perturbation(self, direction, rho):
+    """ε = ρ · s_l · d_l on the masked leaves, 0 on the others."""
+    eps = numerics.tree_scale(self.restrict(direction), rho)
+    if self.rho_scale is None:
+      return eps
+    return jax.tree.map(
+        lambda e, s: (e * jnp.asarray(s, jnp.float32)).astype(e.dtype),
+        eps, self.rho_scale)
+
+  def perturbation_norm(self, eps, restricted_grads, rho, unit_norm: bool):
+    """‖ε‖₂; without a pass over the params when the rule's d has norm 1."""
+    if unit_norm and self.rho_scale is None:
+      # ‖ε‖ = ρ‖d‖ = ρ (0 at g = 0).
+      return jnp.where(numerics.tree_norm(restricted_grads) > 0, rho, 0.0)
+    return numerics.tree_norm(eps)
 
 
 def _key_name(entry) -> str:
