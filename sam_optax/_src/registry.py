@@ -10,8 +10,12 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
-from sam_optax._src import alias
-from sam_optax._src import variants
+from sam_optax._src.methods import adaptive
+from sam_optax._src.methods import gap
+from sam_optax._src.methods import momentum
+from sam_optax._src.methods import msam
+from sam_optax._src.methods import reuse
+from sam_optax._src.methods import sam
 
 
 class Method(NamedTuple):
@@ -64,23 +68,23 @@ class Method(NamedTuple):
 
 
 METHODS: tuple[Method, ...] = (
-    Method("sam", alias.sam, alias.sharpness_aware),
-    Method("asam", variants.asam, variants.adaptive_sharpness_aware),
-    Method("fisher_sam", variants.fisher_sam, variants.fisher_sharpness_aware),
-    Method("gsam", variants.gsam, variants.gap_guided_sharpness_aware,
+    Method("sam", sam.sam, sam.sharpness_aware),
+    Method("asam", adaptive.asam, adaptive.adaptive_sharpness_aware),
+    Method("fisher_sam", adaptive.fisher_sam, adaptive.fisher_sharpness_aware),
+    Method("gsam", gap.gsam, gap.gap_guided_sharpness_aware,
            example={"alpha": 0.3}),
-    Method("gnp", variants.gnp, variants.gradient_norm_penalty),
-    Method("looksam", variants.looksam, variants.look_sharpness_aware,
+    Method("gnp", gap.gnp, gap.gradient_norm_penalty),
+    Method("looksam", reuse.looksam, reuse.look_sharpness_aware,
            static_args=("k",), passes=1.2, example={"k": 3}),
-    Method("interval_sam", variants.interval_sam,
-           variants.interval_sharpness_aware, static_args=("k",), passes=1.2,
+    Method("interval_sam", reuse.interval_sam,
+           reuse.interval_sharpness_aware, static_args=("k",), passes=1.2,
            example={"k": 3}),
-    Method("vasso", variants.vasso,
-           variants.variance_suppressed_sharpness_aware, takes_m=False,
+    Method("vasso", momentum.vasso,
+           momentum.variance_suppressed_sharpness_aware, takes_m=False,
            example={"theta": 0.5}),
-    Method("friendly_sam", variants.friendly_sam,
-           variants.friendly_sharpness_aware, takes_m=False),
-    Method("msam", variants.msam, None, passes=1.0, takes_m=False,
+    Method("friendly_sam", momentum.friendly_sam,
+           momentum.friendly_sharpness_aware, takes_m=False),
+    Method("msam", msam.msam, None, passes=1.0, takes_m=False,
            takes_axis_name=False, second_pass=False),
 )
 

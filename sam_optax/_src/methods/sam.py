@@ -1,4 +1,6 @@
-"""Public SAM transforms: the chain block and the optimizer wrapper."""
+"""SAM itself: ε along the gradient, normalized in a p-norm (or not: USAM).
+"""
+
 
 from __future__ import annotations
 
@@ -6,11 +8,40 @@ from typing import Any, Optional
 
 import optax
 
+from sam_optax._src import base
 from sam_optax._src import checks
 from sam_optax._src import core
-from sam_optax._src.rules import normalized
+from sam_optax._src import numerics
 
 ScalarOrSchedule = core.ScalarOrSchedule
+
+
+def normalized(p: float = 2.0, *, normalize: bool = True) -> base.PerturbationRule:
+  """ε = ρ · sign(g)|g|^{q-1}/‖g‖_q^{q-1} (``normalize=True``) or ε = ρ g (USAM)."""
+
+  init = base.empty_init
+
+  if normalize:
+    def ascent(grads, state, params):
+      del params
+      return numerics.dual_direction(grads, p), state
+  else:
+    def ascent(grads, state, params):
+      del params
+      return grads, state
+
+  return base.PerturbationRule(init=init, ascent=ascent,
+                               unit_norm=normalize and p == 2)
+
+
+def sam_ascent(grads, state, params):
+  """Plain SAM's ascent direction ``g/‖g‖₂`` (0 at ``g = 0``), for reuse."""
+  del params
+  return numerics.dual_direction(grads, 2.0), state
+
+
+def _sam_rule(name, p, normalize):
+  return normalized(checks.check_p(name, p, normalize), normalize=normalize)
 
 
 def sharpness_aware(
@@ -26,7 +57,34 @@ def sharpness_aware(
     rho_scale: Any = None,
     track_cosine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Turns the batch gradient into the SAM gradient ``∇L(w + ε)``: a chain block.
+  """Turns the batch gradient into the SAM gradient ``∇L(w + ε)``: a chain block.
+
+  The chain-block form of :func:`sam`, whose docstring has the
+  maths, the arguments (all but ``base_optimizer``), an example and
+  the references.
+  """
+  name = "sam_optax.sharpness_aware"
+  return core.sharpness_aware_transform(
+      _sam_rule(name, p, normalize), rho, name=name,
+      has_aux=has_aux, axis_name=axis_name, m=m, group_loop=group_loop,
+      mask=mask, rho_scale=rho_scale, track_cosine=track_cosine)
+
+
+def sam(
+    base_optimizer: optax.GradientTransformation,
+    rho: ScalarOrSchedule = 0.05,
+    *,
+    p: Optional[float] = None,
+    normalize: bool = True,
+    has_aux: bool = False,
+    axis_name: Optional[str] = None,
+    m: Optional[int] = None,
+    group_loop: str = "vmap",
+    mask: Any = None,
+    rho_scale: Any = None,
+    track_cosine: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""SAM around any optax optimizer.
 
   Sharpness-aware minimization minimizes the worst loss in a ρ-ball around the
   weights. To first order the worst point is reached by one normalized ascent
@@ -44,7 +102,12 @@ def sharpness_aware(
   (clipping, weight decay, the base optimizer) see ``u`` and the unperturbed
   params.
 
+  As a chain block (:func:`sharpness_aware`), it goes anywhere in a chain:
+  ``optax.chain(sharpness_aware(rho, ...), base_optimizer)`` is the same.
+
   Args:
+    base_optimizer: any optax transformation (``optax.sgd``,
+      ``optax.adamw``, a chain, ...).
     rho: the radius ρ ≥ 0, a float or an optax schedule of the step count.
       Run-time values below 0 (from a schedule or ``inject_hyperparams``) are
       clamped to 0; ``rho=0`` gives exactly the incoming gradient.
@@ -94,83 +157,6 @@ def sharpness_aware(
     >>> import jax, jax.numpy as jnp, optax, sam_optax
     >>> def loss(w):
     ...   return jnp.sum((w - 1.0) ** 2)
-    >>> tx = optax.chain(sam_optax.sharpness_aware(rho=0.05),
-    ...                  optax.clip_by_global_norm(1.0), optax.sgd(0.1))
-    >>> w = jnp.array([3.0, -2.0])
-    >>> state = tx.init(w)
-    >>> for _ in range(5):
-    ...   value, grads = jax.value_and_grad(loss)(w)
-    ...   updates, state = tx.update(grads, state, w, loss_fn=loss, value=value)
-    ...   w = optax.apply_updates(w, updates)
-    ...   print('{:.2E}'.format(loss(w)))
-    1.23E+01
-    1.16E+01
-    1.09E+01
-    1.03E+01
-    9.64E+00
-
-  References:
-    Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
-    Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
-
-    Andriushchenko & Flammarion, `Towards Understanding Sharpness-Aware
-    Minimization <https://arxiv.org/abs/2206.06232>`_, ICML 2022 (USAM).
-  """
-  return _normalized_block("sam_optax.sharpness_aware", rho, p=p,
-                           normalize=normalize, has_aux=has_aux,
-                           axis_name=axis_name, m=m, group_loop=group_loop,
-                           mask=mask, rho_scale=rho_scale,
-                           track_cosine=track_cosine)
-
-
-def _normalized_block(name, rho, *, p, normalize, **options):
-  p = checks.check_p(name, p, normalize)
-  return core.sharpness_aware_transform(
-      normalized.normalized(p, normalize=normalize), rho, name=name, **options)
-
-
-def sam(
-    base_optimizer: optax.GradientTransformation,
-    rho: ScalarOrSchedule = 0.05,
-    *,
-    p: Optional[float] = None,
-    normalize: bool = True,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    m: Optional[int] = None,
-    group_loop: str = "vmap",
-    mask: Any = None,
-    rho_scale: Any = None,
-    track_cosine: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-  r"""SAM around any optax optimizer.
-
-  The same as ``optax.chain(sharpness_aware(rho, ...), base_optimizer)``: each
-  ``update`` is one whole SAM step. It takes the batch gradient ``g`` at ``w``,
-  evaluates ``u = ∇L(w + ε)`` with ``ε = ρ g/‖g‖`` by calling ``loss_fn``, and
-  returns the base optimizer's update for ``u`` at the unperturbed ``w``:
-
-  .. math::
-    w_{t+1} = w_t + \operatorname{base}\big(\nabla L(w_t + \rho\,
-    g_t / \|g_t\|_2)\big).
-
-  Args:
-    base_optimizer: any optax transformation (``optax.sgd``, ``optax.adamw``,
-      a chain, ...).
-    rho: the radius ρ ≥ 0 (float or schedule); ``rho=0`` gives exactly
-      ``base_optimizer``.
-    p, normalize, has_aux, axis_name, m, group_loop, mask, rho_scale,
-      track_cosine: as in :func:`sharpness_aware`.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``; ``update`` needs
-    ``loss_fn=`` (``params -> loss``, or ``(params, chunk) -> loss`` with
-    ``m``).
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, optax, sam_optax
-    >>> def loss(w):
-    ...   return jnp.sum((w - 1.0) ** 2)
     >>> tx = sam_optax.sam(optax.sgd(0.1, momentum=0.5), rho=0.05)
     >>> w = jnp.array([3.0, -2.0])
     >>> state = tx.init(w)
@@ -188,11 +174,13 @@ def sam(
   References:
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
+
+    Andriushchenko & Flammarion, `Towards Understanding Sharpness-Aware
+    Minimization <https://arxiv.org/abs/2206.06232>`_, ICML 2022 (USAM).
   """
-  return optax.chain(
-      _normalized_block("sam_optax.sam", rho, p=p, normalize=normalize,
-                        has_aux=has_aux, axis_name=axis_name, m=m,
-                        group_loop=group_loop, mask=mask, rho_scale=rho_scale,
-                        track_cosine=track_cosine),
-      base_optimizer,
-  )
+  name = "sam_optax.sam"
+  return optax.chain(core.sharpness_aware_transform(
+      _sam_rule(name, p, normalize), rho, name=name,
+      has_aux=has_aux, axis_name=axis_name, m=m, group_loop=group_loop,
+      mask=mask, rho_scale=rho_scale, track_cosine=track_cosine),
+      base_optimizer)

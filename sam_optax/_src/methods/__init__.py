@@ -1,0 +1,1 @@
+"""The methods: one family per module (rules, checks, chain blocks, wrappers)."""

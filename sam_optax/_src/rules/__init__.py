@@ -1,1 +1,0 @@
-"""Perturbation rules: one small module per family of sharpness-aware methods."""
