@@ -32,6 +32,23 @@ from sam_optax._src import scoped
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 
+class Options(NamedTuple):
+  """The options every sharpness-aware block takes (see :func:`sam_optax.sam`)."""
+
+  has_aux: bool = False
+  axis_name: Any = None
+  m: Optional[int] = None
+  group_loop: str = "vmap"
+  mask: Any = None
+  track_cosine: bool = False
+  rho_scale: Any = None
+
+
+def block(rule: base.PerturbationRule, rho, name: str, options: Options):
+  """:func:`sharpness_aware_transform` of ``rule`` with a method's options."""
+  return sharpness_aware_transform(rule, rho, name=name, **options._asdict())
+
+
 def resolve_rho(rho: ScalarOrSchedule, count) -> jax.Array:
   """ρ at step ``count`` as a float32 scalar, clamped at 0 (NaN → 0)."""
   value = rho(count) if callable(rho) else rho

@@ -96,26 +96,19 @@ def adaptive_sharpness_aware(
     rho: ScalarOrSchedule = 0.5,
     eta: float = 0.01,
     *,
-    operator: str = "official",
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    m: Optional[int] = None,
-    group_loop: str = "vmap",
-    mask: Any = None,
-    track_cosine: bool = False,
+    operator: str = "official", has_aux: bool = False,
+    axis_name: Optional[str] = None, m: Optional[int] = None,
+    group_loop: str = "vmap", mask: Any = None, track_cosine: bool = False,
     rho_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """ASAM as a chain block: the SAM gradient in a scale-invariant ρ-ball.
 
-  The chain-block form of :func:`asam`, whose docstring has the
-  maths, the arguments (all but ``base_optimizer``), an example and
-  the references.
+  Equal to :func:`asam` without ``base_optimizer``; see it for the maths.
   """
   name = "sam_optax.adaptive_sharpness_aware"
-  return core.sharpness_aware_transform(
-      _asam_rule(name, eta, operator), rho, name=name, has_aux=has_aux,
-      axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
-      track_cosine=track_cosine, rho_scale=rho_scale)
+  options = core.Options(has_aux, axis_name, m, group_loop, mask,
+                         track_cosine, rho_scale)
+  return core.block(_asam_rule(name, eta, operator), rho, name, options)
 
 
 def asam(
@@ -123,13 +116,9 @@ def asam(
     rho: ScalarOrSchedule = 0.5,
     eta: float = 0.01,
     *,
-    operator: str = "official",
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    m: Optional[int] = None,
-    group_loop: str = "vmap",
-    mask: Any = None,
-    track_cosine: bool = False,
+    operator: str = "official", has_aux: bool = False,
+    axis_name: Optional[str] = None, m: Optional[int] = None,
+    group_loop: str = "vmap", mask: Any = None, track_cosine: bool = False,
     rho_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ASAM around any optax optimizer (adaptive, scale-invariant SAM).
@@ -205,36 +194,28 @@ def asam(
     ``rho_scale`` as needed.
   """
   name = "sam_optax.asam"
-  return optax.chain(core.sharpness_aware_transform(
-      _asam_rule(name, eta, operator), rho, name=name, has_aux=has_aux,
-      axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
-      track_cosine=track_cosine, rho_scale=rho_scale),
-      base_optimizer)
+  options = core.Options(has_aux, axis_name, m, group_loop, mask,
+                         track_cosine, rho_scale)
+  rule = _asam_rule(name, eta, operator)
+  return optax.chain(core.block(rule, rho, name, options), base_optimizer)
 
 
 def fisher_sharpness_aware(
     rho: ScalarOrSchedule = 0.1,
     eta: float = 1.0,
     *,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    m: Optional[int] = None,
-    group_loop: str = "vmap",
-    mask: Any = None,
-    track_cosine: bool = False,
-    rho_scale: Any = None,
+    has_aux: bool = False, axis_name: Optional[str] = None,
+    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
+    track_cosine: bool = False, rho_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Fisher-SAM as a chain block: the ρ-ball of the Fisher information metric.
 
-  The chain-block form of :func:`fisher_sam`, whose docstring has the
-  maths, the arguments (all but ``base_optimizer``), an example and
-  the references.
+  Equal to :func:`fisher_sam` without ``base_optimizer``; see it for the maths.
   """
   name = "sam_optax.fisher_sharpness_aware"
-  return core.sharpness_aware_transform(
-      _fisher_rule(name, eta), rho, name=name, has_aux=has_aux,
-      axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
-      track_cosine=track_cosine, rho_scale=rho_scale)
+  options = core.Options(has_aux, axis_name, m, group_loop, mask,
+                         track_cosine, rho_scale)
+  return core.block(_fisher_rule(name, eta), rho, name, options)
 
 
 def fisher_sam(
@@ -242,13 +223,9 @@ def fisher_sam(
     rho: ScalarOrSchedule = 0.1,
     eta: float = 1.0,
     *,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    m: Optional[int] = None,
-    group_loop: str = "vmap",
-    mask: Any = None,
-    track_cosine: bool = False,
-    rho_scale: Any = None,
+    has_aux: bool = False, axis_name: Optional[str] = None,
+    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
+    track_cosine: bool = False, rho_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Fisher-SAM around any optax optimizer.
 
@@ -310,8 +287,7 @@ def fisher_sam(
     moving average), which keeps the method stateless.
   """
   name = "sam_optax.fisher_sam"
-  return optax.chain(core.sharpness_aware_transform(
-      _fisher_rule(name, eta), rho, name=name, has_aux=has_aux,
-      axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
-      track_cosine=track_cosine, rho_scale=rho_scale),
-      base_optimizer)
+  options = core.Options(has_aux, axis_name, m, group_loop, mask,
+                         track_cosine, rho_scale)
+  rule = _fisher_rule(name, eta)
+  return optax.chain(core.block(rule, rho, name, options), base_optimizer)

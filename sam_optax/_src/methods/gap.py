@@ -156,25 +156,18 @@ def gap_guided_sharpness_aware(
     rho: ScalarOrSchedule = 0.05,
     alpha: float = 0.1,
     *,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    m: Optional[int] = None,
-    group_loop: str = "vmap",
-    mask: Any = None,
-    track_cosine: bool = False,
-    rho_scale: Any = None,
+    has_aux: bool = False, axis_name: Optional[str] = None,
+    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
+    track_cosine: bool = False, rho_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GSAM as a chain block: SAM plus an ascent on the surrogate gap.
 
-  The chain-block form of :func:`gsam`, whose docstring has the
-  maths, the arguments (all but ``base_optimizer``), an example and
-  the references.
+  Equal to :func:`gsam` without ``base_optimizer``; see it for the maths.
   """
   name = "sam_optax.gap_guided_sharpness_aware"
-  return core.sharpness_aware_transform(
-      _gsam_rule(name, alpha), rho, name=name, has_aux=has_aux,
-      axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
-      track_cosine=track_cosine, rho_scale=rho_scale)
+  options = core.Options(has_aux, axis_name, m, group_loop, mask,
+                         track_cosine, rho_scale)
+  return core.block(_gsam_rule(name, alpha), rho, name, options)
 
 
 def gsam(
@@ -182,13 +175,9 @@ def gsam(
     rho: ScalarOrSchedule = 0.05,
     alpha: float = 0.1,
     *,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    m: Optional[int] = None,
-    group_loop: str = "vmap",
-    mask: Any = None,
-    track_cosine: bool = False,
-    rho_scale: Any = None,
+    has_aux: bool = False, axis_name: Optional[str] = None,
+    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
+    track_cosine: bool = False, rho_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GSAM (surrogate-gap guided SAM) around any optax optimizer.
 
@@ -258,36 +247,28 @@ def gsam(
     global batch, with per-device perturbations). On one device both agree.
   """
   name = "sam_optax.gsam"
-  return optax.chain(core.sharpness_aware_transform(
-      _gsam_rule(name, alpha), rho, name=name, has_aux=has_aux,
-      axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
-      track_cosine=track_cosine, rho_scale=rho_scale),
-      base_optimizer)
+  options = core.Options(has_aux, axis_name, m, group_loop, mask,
+                         track_cosine, rho_scale)
+  rule = _gsam_rule(name, alpha)
+  return optax.chain(core.block(rule, rho, name, options), base_optimizer)
 
 
 def gradient_norm_penalty(
     rho: ScalarOrSchedule = 0.1,
     alpha: float = 0.8,
     *,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    m: Optional[int] = None,
-    group_loop: str = "vmap",
-    mask: Any = None,
-    track_cosine: bool = False,
-    rho_scale: Any = None,
+    has_aux: bool = False, axis_name: Optional[str] = None,
+    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
+    track_cosine: bool = False, rho_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Gradient-norm penalty (GNP) as a chain block: between SGD and SAM.
 
-  The chain-block form of :func:`gnp`, whose docstring has the
-  maths, the arguments (all but ``base_optimizer``), an example and
-  the references.
+  Equal to :func:`gnp` without ``base_optimizer``; see it for the maths.
   """
   name = "sam_optax.gradient_norm_penalty"
-  return core.sharpness_aware_transform(
-      _gnp_rule(name, alpha), rho, name=name, has_aux=has_aux,
-      axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
-      track_cosine=track_cosine, rho_scale=rho_scale)
+  options = core.Options(has_aux, axis_name, m, group_loop, mask,
+                         track_cosine, rho_scale)
+  return core.block(_gnp_rule(name, alpha), rho, name, options)
 
 
 def gnp(
@@ -295,13 +276,9 @@ def gnp(
     rho: ScalarOrSchedule = 0.1,
     alpha: float = 0.8,
     *,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    m: Optional[int] = None,
-    group_loop: str = "vmap",
-    mask: Any = None,
-    track_cosine: bool = False,
-    rho_scale: Any = None,
+    has_aux: bool = False, axis_name: Optional[str] = None,
+    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
+    track_cosine: bool = False, rho_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient-norm penalty (GNP) around any optax optimizer.
 
@@ -358,8 +335,7 @@ def gnp(
     ICML 2022.
   """
   name = "sam_optax.gnp"
-  return optax.chain(core.sharpness_aware_transform(
-      _gnp_rule(name, alpha), rho, name=name, has_aux=has_aux,
-      axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
-      track_cosine=track_cosine, rho_scale=rho_scale),
-      base_optimizer)
+  options = core.Options(has_aux, axis_name, m, group_loop, mask,
+                         track_cosine, rho_scale)
+  rule = _gnp_rule(name, alpha)
+  return optax.chain(core.block(rule, rho, name, options), base_optimizer)

@@ -120,23 +120,17 @@ def variance_suppressed_sharpness_aware(
     rho: ScalarOrSchedule = 0.05,
     theta: float = 0.9,
     *,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    mask: Any = None,
-    track_cosine: bool = False,
-    rho_scale: Any = None,
+    has_aux: bool = False, axis_name: Optional[str] = None, mask: Any = None,
+    track_cosine: bool = False, rho_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """VaSSO as a chain block: ε along a moving average of the gradients.
 
-  The chain-block form of :func:`vasso`, whose docstring has the
-  maths, the arguments (all but ``base_optimizer``), an example and
-  the references.
+  Equal to :func:`vasso` without ``base_optimizer``; see it for the maths.
   """
   name = "sam_optax.variance_suppressed_sharpness_aware"
-  return core.sharpness_aware_transform(
-      _vasso_rule(name, theta), rho, name=name, has_aux=has_aux,
-      axis_name=axis_name, mask=mask,
-      track_cosine=track_cosine, rho_scale=rho_scale)
+  options = core.Options(has_aux, axis_name, mask=mask, track_cosine=track_cosine,
+                         rho_scale=rho_scale)
+  return core.block(_vasso_rule(name, theta), rho, name, options)
 
 
 def vasso(
@@ -144,11 +138,8 @@ def vasso(
     rho: ScalarOrSchedule = 0.05,
     theta: float = 0.9,
     *,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    mask: Any = None,
-    track_cosine: bool = False,
-    rho_scale: Any = None,
+    has_aux: bool = False, axis_name: Optional[str] = None, mask: Any = None,
+    track_cosine: bool = False, rho_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""VaSSO around any optax optimizer: ε along an EMA of the gradients.
 
@@ -209,11 +200,10 @@ def vasso(
     Suppression <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023.
   """
   name = "sam_optax.vasso"
-  return optax.chain(core.sharpness_aware_transform(
-      _vasso_rule(name, theta), rho, name=name, has_aux=has_aux,
-      axis_name=axis_name, mask=mask,
-      track_cosine=track_cosine, rho_scale=rho_scale),
-      base_optimizer)
+  options = core.Options(has_aux, axis_name, mask=mask, track_cosine=track_cosine,
+                         rho_scale=rho_scale)
+  rule = _vasso_rule(name, theta)
+  return optax.chain(core.block(rule, rho, name, options), base_optimizer)
 
 
 def friendly_sharpness_aware(
@@ -221,23 +211,17 @@ def friendly_sharpness_aware(
     sigma: float = 1.0,
     decay: float = 0.95,
     *,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    mask: Any = None,
-    track_cosine: bool = False,
-    rho_scale: Any = None,
+    has_aux: bool = False, axis_name: Optional[str] = None, mask: Any = None,
+    track_cosine: bool = False, rho_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Friendly-SAM (F-SAM) as a chain block: perturb along the gradient noise.
 
-  The chain-block form of :func:`friendly_sam`, whose docstring has the
-  maths, the arguments (all but ``base_optimizer``), an example and
-  the references.
+  Equal to :func:`friendly_sam` without ``base_optimizer``; see it for the maths.
   """
   name = "sam_optax.friendly_sharpness_aware"
-  return core.sharpness_aware_transform(
-      _friendly_rule(name, sigma, decay), rho, name=name, has_aux=has_aux,
-      axis_name=axis_name, mask=mask,
-      track_cosine=track_cosine, rho_scale=rho_scale)
+  options = core.Options(has_aux, axis_name, mask=mask, track_cosine=track_cosine,
+                         rho_scale=rho_scale)
+  return core.block(_friendly_rule(name, sigma, decay), rho, name, options)
 
 
 def friendly_sam(
@@ -246,11 +230,8 @@ def friendly_sam(
     sigma: float = 1.0,
     decay: float = 0.95,
     *,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    mask: Any = None,
-    track_cosine: bool = False,
-    rho_scale: Any = None,
+    has_aux: bool = False, axis_name: Optional[str] = None, mask: Any = None,
+    track_cosine: bool = False, rho_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly-SAM (F-SAM) around any optax optimizer.
 
@@ -315,8 +296,7 @@ def friendly_sam(
     since then :math:`g_t - m_t = \lambda (g_t - m_{t-1})`.
   """
   name = "sam_optax.friendly_sam"
-  return optax.chain(core.sharpness_aware_transform(
-      _friendly_rule(name, sigma, decay), rho, name=name, has_aux=has_aux,
-      axis_name=axis_name, mask=mask,
-      track_cosine=track_cosine, rho_scale=rho_scale),
-      base_optimizer)
+  options = core.Options(has_aux, axis_name, mask=mask, track_cosine=track_cosine,
+                         rho_scale=rho_scale)
+  rule = _friendly_rule(name, sigma, decay)
+  return optax.chain(core.block(rule, rho, name, options), base_optimizer)

@@ -97,25 +97,18 @@ def look_sharpness_aware(
     k: int = 5,
     alpha: float = 0.7,
     *,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    m: Optional[int] = None,
-    group_loop: str = "vmap",
-    mask: Any = None,
-    track_cosine: bool = False,
-    rho_scale: Any = None,
+    has_aux: bool = False, axis_name: Optional[str] = None,
+    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
+    track_cosine: bool = False, rho_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """LookSAM as a chain block: a SAM step every k steps, reused in between.
 
-  The chain-block form of :func:`looksam`, whose docstring has the
-  maths, the arguments (all but ``base_optimizer``), an example and
-  the references.
+  Equal to :func:`looksam` without ``base_optimizer``; see it for the maths.
   """
   name = "sam_optax.look_sharpness_aware"
-  return core.sharpness_aware_transform(
-      _looksam_rule(name, k, alpha), rho, name=name, has_aux=has_aux,
-      axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
-      track_cosine=track_cosine, rho_scale=rho_scale)
+  options = core.Options(has_aux, axis_name, m, group_loop, mask,
+                         track_cosine, rho_scale)
+  return core.block(_looksam_rule(name, k, alpha), rho, name, options)
 
 
 def looksam(
@@ -124,13 +117,9 @@ def looksam(
     k: int = 5,
     alpha: float = 0.7,
     *,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    m: Optional[int] = None,
-    group_loop: str = "vmap",
-    mask: Any = None,
-    track_cosine: bool = False,
-    rho_scale: Any = None,
+    has_aux: bool = False, axis_name: Optional[str] = None,
+    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
+    track_cosine: bool = False, rho_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LookSAM around any optax optimizer: SAM every k steps, reused between.
 
@@ -195,36 +184,28 @@ def looksam(
     <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
   """
   name = "sam_optax.looksam"
-  return optax.chain(core.sharpness_aware_transform(
-      _looksam_rule(name, k, alpha), rho, name=name, has_aux=has_aux,
-      axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
-      track_cosine=track_cosine, rho_scale=rho_scale),
-      base_optimizer)
+  options = core.Options(has_aux, axis_name, m, group_loop, mask,
+                         track_cosine, rho_scale)
+  rule = _looksam_rule(name, k, alpha)
+  return optax.chain(core.block(rule, rho, name, options), base_optimizer)
 
 
 def interval_sharpness_aware(
     rho: ScalarOrSchedule = 0.05,
     k: int = 5,
     *,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    m: Optional[int] = None,
-    group_loop: str = "vmap",
-    mask: Any = None,
-    track_cosine: bool = False,
-    rho_scale: Any = None,
+    has_aux: bool = False, axis_name: Optional[str] = None,
+    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
+    track_cosine: bool = False, rho_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Interval SAM as a chain block: SAM every k steps, the plain gradient otherwise.
 
-  The chain-block form of :func:`interval_sam`, whose docstring has the
-  maths, the arguments (all but ``base_optimizer``), an example and
-  the references.
+  Equal to :func:`interval_sam` without ``base_optimizer``; see it for the maths.
   """
   name = "sam_optax.interval_sharpness_aware"
-  return core.sharpness_aware_transform(
-      interval_rule(checks.check_k(name, k)), rho, name=name, has_aux=has_aux,
-      axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
-      track_cosine=track_cosine, rho_scale=rho_scale)
+  options = core.Options(has_aux, axis_name, m, group_loop, mask,
+                         track_cosine, rho_scale)
+  return core.block(interval_rule(checks.check_k(name, k)), rho, name, options)
 
 
 def interval_sam(
@@ -232,13 +213,9 @@ def interval_sam(
     rho: ScalarOrSchedule = 0.05,
     k: int = 5,
     *,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    m: Optional[int] = None,
-    group_loop: str = "vmap",
-    mask: Any = None,
-    track_cosine: bool = False,
-    rho_scale: Any = None,
+    has_aux: bool = False, axis_name: Optional[str] = None,
+    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
+    track_cosine: bool = False, rho_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Interval SAM around any optax optimizer: SAM every k steps.
 
@@ -296,8 +273,7 @@ def interval_sam(
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
   """
   name = "sam_optax.interval_sam"
-  return optax.chain(core.sharpness_aware_transform(
-      interval_rule(checks.check_k(name, k)), rho, name=name, has_aux=has_aux,
-      axis_name=axis_name, m=m, group_loop=group_loop, mask=mask,
-      track_cosine=track_cosine, rho_scale=rho_scale),
-      base_optimizer)
+  options = core.Options(has_aux, axis_name, m, group_loop, mask,
+                         track_cosine, rho_scale)
+  rule = interval_rule(checks.check_k(name, k))
+  return optax.chain(core.block(rule, rho, name, options), base_optimizer)

@@ -49,25 +49,18 @@ def sharpness_aware(
     *,
     p: Optional[float] = None,
     normalize: bool = True,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    m: Optional[int] = None,
-    group_loop: str = "vmap",
-    mask: Any = None,
-    rho_scale: Any = None,
-    track_cosine: bool = False,
+    has_aux: bool = False, axis_name: Optional[str] = None,
+    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
+    rho_scale: Any = None, track_cosine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Turns the batch gradient into the SAM gradient ``∇L(w + ε)``: a chain block.
 
-  The chain-block form of :func:`sam`, whose docstring has the
-  maths, the arguments (all but ``base_optimizer``), an example and
-  the references.
+  Equal to :func:`sam` without ``base_optimizer``; see it for the maths.
   """
   name = "sam_optax.sharpness_aware"
-  return core.sharpness_aware_transform(
-      _sam_rule(name, p, normalize), rho, name=name,
-      has_aux=has_aux, axis_name=axis_name, m=m, group_loop=group_loop,
-      mask=mask, rho_scale=rho_scale, track_cosine=track_cosine)
+  options = core.Options(has_aux, axis_name, m, group_loop, mask,
+                         track_cosine, rho_scale)
+  return core.block(_sam_rule(name, p, normalize), rho, name, options)
 
 
 def sam(
@@ -76,13 +69,9 @@ def sam(
     *,
     p: Optional[float] = None,
     normalize: bool = True,
-    has_aux: bool = False,
-    axis_name: Optional[str] = None,
-    m: Optional[int] = None,
-    group_loop: str = "vmap",
-    mask: Any = None,
-    rho_scale: Any = None,
-    track_cosine: bool = False,
+    has_aux: bool = False, axis_name: Optional[str] = None,
+    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
+    rho_scale: Any = None, track_cosine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SAM around any optax optimizer.
 
@@ -179,8 +168,7 @@ def sam(
     Minimization <https://arxiv.org/abs/2206.06232>`_, ICML 2022 (USAM).
   """
   name = "sam_optax.sam"
-  return optax.chain(core.sharpness_aware_transform(
-      _sam_rule(name, p, normalize), rho, name=name,
-      has_aux=has_aux, axis_name=axis_name, m=m, group_loop=group_loop,
-      mask=mask, rho_scale=rho_scale, track_cosine=track_cosine),
-      base_optimizer)
+  options = core.Options(has_aux, axis_name, m, group_loop, mask,
+                         track_cosine, rho_scale)
+  rule = _sam_rule(name, p, normalize)
+  return optax.chain(core.block(rule, rho, name, options), base_optimizer)
