@@ -1,10 +1,8 @@
 """Every check of a sharpness-aware call, and every message template.
 
-Each message says the call, what is wrong, why, and the exact fix; the tests
-assert them. Checks of hyper-parameters run once, at construction, on concrete
-Python/numpy values only (``optax.inject_hyperparams`` hands the factories
-arrays, possibly traced, which pass unchecked); checks of an ``update`` call
-run at trace time.
+Each message says the call, what is wrong, why, and the exact fix. Knobs are
+checked once, at construction, when concrete (``inject_hyperparams`` passes
+arrays, which pass unchecked); an ``update`` call is checked at trace time.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import numpy as np
 import optax
 
 # --- Message templates (asserted by the tests). ------------------------------
-
 
 MISSING_LOSS_FN = (
     "`{name}.update` needs the keyword argument `loss_fn` (received none). "
@@ -58,10 +55,7 @@ LOSS_NOT_SCALAR = (
     "`{name}`: `loss_fn` must return a scalar loss, but it returned an array "
     "of shape {shape}. Reduce it (for example `jnp.mean(per_example_loss)`)."
 )
-LOSS_NOT_FLOAT = (
-    "`{name}`: `loss_fn` must return a floating-point loss, but it returned "
-    "dtype {dtype}."
-)
+LOSS_NOT_FLOAT = "`{name}`: `loss_fn` must return a floating-point loss, but it returned dtype {dtype}."
 BAD_RHO = (
     "`{name}(rho={rho!r})`: ρ must be a finite number ≥ 0 (or an optax "
     "schedule). Use `rho=0.05` for plain SAM; `rho=0` gives the base optimizer."
@@ -196,9 +190,7 @@ KNOB_IS_CALLABLE = (
 )
 KNOB_IS_BOOL = "`{name}({arg}={value!r})`: expected a number, got a bool."
 KNOB_NOT_SCALAR = "`{name}({arg}=...)`: {arg} must be a scalar, got shape {shape}."
-KNOB_OUT_OF_RANGE = (
-    "`{name}({arg}={value!r})`: {arg} must be a finite number {interval}.{hint}"
-)
+KNOB_OUT_OF_RANGE = "`{name}({arg}={value!r})`: {arg} must be a finite number {interval}.{hint}"
 BAD_K = (
     "`{name}(k={k!r})`: k is the number of steps from one SAM step to the next "
     "and must be an integer ≥ 1 (k=1 runs SAM on every step). The papers use "
@@ -244,13 +236,12 @@ REMOVE_PERTURBATION_NOT_ONE = (
 # --- Hyper-parameters, at construction. ---------------------------------------
 
 
-def _is_concrete_number(value) -> bool:
-  return isinstance(value, (numbers.Real, np.ndarray, np.generic))
+_NUMBER = (numbers.Real, np.ndarray, np.generic)  # concrete, checkable
 
 
 def check_rho(name: str, rho) -> None:
   """ρ: a finite number ≥ 0, or a schedule / array (checked at run time)."""
-  if callable(rho) or not _is_concrete_number(rho):
+  if callable(rho) or not isinstance(rho, _NUMBER):
     return
   v = float(np.asarray(rho))
   if isinstance(rho, bool) or not math.isfinite(v) or v < 0:
@@ -272,7 +263,7 @@ def check_range(name: str, arg: str, value: Any, *, low: float = 0.0,
     raise TypeError(KNOB_IS_CALLABLE.format(name=name, arg=arg))
   if isinstance(value, bool):
     raise TypeError(KNOB_IS_BOOL.format(name=name, arg=arg, value=value))
-  if not _is_concrete_number(value):
+  if not isinstance(value, _NUMBER):
     return
   if np.ndim(value) != 0:
     raise ValueError(KNOB_NOT_SCALAR.format(name=name, arg=arg,
@@ -288,14 +279,12 @@ def check_range(name: str, arg: str, value: Any, *, low: float = 0.0,
 
 
 def check_static(name: str, arg: str, value) -> None:
-  """A structural argument cannot be a (traced or injected) array."""
-  if isinstance(value, jax.Array):
+  if isinstance(value, jax.Array):  # a traced or injected array
     raise TypeError(STATIC_ARG.format(name=name, arg=arg))
 
 
 def is_positive_int(value) -> bool:
-  return (not isinstance(value, bool) and isinstance(value, numbers.Integral)
-          and value >= 1)
+  return isinstance(value, numbers.Integral) and value >= 1 and value is not True
 
 
 def check_k(name: str, k: Any) -> int:
@@ -333,7 +322,7 @@ def check_rho_scale(name: str, rho_scale) -> None:
   if rho_scale is None or callable(rho_scale):
     return
   for path, leaf in jax.tree_util.tree_leaves_with_path(rho_scale):
-    if not _is_concrete_number(leaf):
+    if not isinstance(leaf, _NUMBER):
       continue  # arrays (possibly traced) are used as given
     v = np.asarray(leaf, np.float64)
     if isinstance(leaf, bool) or not np.all(np.isfinite(v)) or np.any(v < 0):
@@ -402,13 +391,6 @@ def checked_loss(loss_fn: Callable, has_aux: bool, name: str) -> Callable:
   return wrapped
 
 
-def _signature_text(fn) -> str:
-  try:
-    return str(inspect.signature(fn))
-  except (TypeError, ValueError):
-    return "unknown"
-
-
 def _takes_positional(fn, n: int):
   """Whether ``fn`` accepts ``n`` positional args; None if it cannot be told."""
   try:
@@ -430,11 +412,11 @@ def check_loss_fn_arity(name: str, loss_fn: Callable, m) -> None:
   if m is not None:
     if _takes_positional(loss_fn, 2) is False:
       raise TypeError(LOSS_FN_ARITY_M.format(
-          name=name, m=m, sig=_signature_text(loss_fn)))
+          name=name, m=m, sig=inspect.signature(loss_fn)))
   elif (_takes_positional(loss_fn, 1) is False
         and _takes_positional(loss_fn, 2) is True):
     raise TypeError(LOSS_FN_ARITY_NO_M.format(
-        name=name, sig=_signature_text(loss_fn)))
+        name=name, sig=inspect.signature(loss_fn)))
 
 
 def resolve_leafwise(name: str, arg: str, value, params, what: str):
@@ -474,11 +456,6 @@ def check_update_call(name: str, *, updates, params, loss_fn, has_aux: bool,
   check_loss_fn_arity(name, loss_fn, m)
 
 
-def _divisors(b: int) -> str:
-  ds = [d for d in range(1, b + 1) if b % d == 0]
-  return ", ".join(map(str, ds[:12])) + (", ..." if len(ds) > 12 else "")
-
-
 def batch_size(name: str, batch, m: int) -> int:
   """The leading size shared by every leaf of ``batch``; checks that m divides it."""
   if batch is None:
@@ -492,8 +469,10 @@ def batch_size(name: str, batch, m: int) -> int:
                                          sizes=sorted(map(str, sizes))))
   (b,) = sizes
   if b % m:
-    raise ValueError(BAD_BATCH_SIZE.format(
-        name=name, m=m, b=b, divisors=_divisors(b)))
+    ds = [d for d in range(1, b + 1) if b % d == 0]
+    divisors = ", ".join(map(str, ds[:12])) + (", ..." if len(ds) > 12 else "")
+    raise ValueError(BAD_BATCH_SIZE.format(name=name, m=m, b=b,
+                                           divisors=divisors))
   return b
 
 
