@@ -7,7 +7,8 @@ update, apply) of SGD with momentum and of SAM around it, then reports
 * the number of all-reduce ops in the compiled step (``compiled.as_text()``)
   and how many floats they carry;
 * the median step time over interleaved rounds (every step once per round, so
-  machine noise hits all alike) and its ratio to SGD in the same setting.
+  machine noise hits all alike, :mod:`benchmarks.harness.timing`) and its
+  ratio to SGD in the same setting, paired round by round.
 
 Settings:
 
@@ -19,8 +20,8 @@ Settings:
   (``axis_name``); SGD there all-reduces its gradient once.
 - ``shard_map × m=…``: 8 devices and in-device groups.
 
-A second table sweeps in-device m-sharpness over three models (the MLP, and
-the CNN and transformer block of ``benchmarks.step_time``), several m and the
+A second table sweeps in-device m-sharpness over three models (the MLP, CNN
+and transformer block of :mod:`benchmarks.harness.models`), several m and the
 three group loops (``group_loop='vmap'|'unroll'|'scan'``), with XLA's FLOPs and
 compiled temp memory beside the times (``--models``, ``--loops``).
 ``--quick`` is a smoke run on tiny models.
@@ -37,13 +38,9 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
-import csv
-import datetime
 import os
-import platform
 import re
-import statistics
-import time
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -52,9 +49,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sam_optax
+from benchmarks.harness import data
+from benchmarks.harness import methods
+from benchmarks.harness import models
+from benchmarks.harness import report
+from benchmarks.harness import timing
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-RHO, LR, MOMENTUM = 0.05, 0.05, 0.9
+SAM, SGD = methods.SAM.name, methods.BASE
+RHO, LR, MOMENTUM = methods.SAM.defaults()["rho"], 0.05, 0.9
 N_DEV = 8
 
 _ALL_REDUCE = re.compile(
@@ -74,60 +76,78 @@ def _floats(shape_text: str) -> int:
   return total
 
 
-# --- Model ---------------------------------------------------------------------
-
-
-def make_mlp(width: int, depth: int, d_in: int, classes: int, seed: int = 0):
-  keys = jax.random.split(jax.random.key(seed), depth + 1)
-  sizes = [d_in] + [width] * depth + [classes]
-  return [{"w": jax.random.normal(k, (a, b)) * np.sqrt(2.0 / a),
-           "b": jnp.zeros((b,))}
-          for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
-
-
-def loss(params, batch):
-  x, y = batch
-  for layer in params[:-1]:
-    x = jax.nn.relu(x @ layer["w"] + layer["b"])
-  logits = x @ params[-1]["w"] + params[-1]["b"]
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
 def base():
   return optax.sgd(LR, momentum=MOMENTUM)
+
+
+# --- Models ----------------------------------------------------------------------
+
+# model -> (sizes, batch, m values) of the in-device table.
+IN_DEVICE_MODELS = {
+    "mlp": (dict(sizes=(256, 512, 512, 10)), 256, (128, 64, 32)),
+    "cnn": (dict(channels=(16, 32, 64), image=32), 64, (32, 16)),
+    "transformer": (dict(d_model=64, heads=4, seq=32), 64, (16, 8)),
+}
+QUICK_MODELS = {
+    "mlp": (dict(sizes=(16, 32, 32, 10)), 32, (8,)),
+    "cnn": (dict(channels=(4, 8), image=8), 16, (8,)),
+    "transformer": (dict(d_model=16, heads=2, seq=8), 16, (8,)),
+}
+
+
+def workload(name: str, kwargs, batch: int, seed: int = 0):
+  """``(params, loss(params, (x, y)), (x, y))`` for one model."""
+  net = models.ARCHITECTURES[name](**kwargs)
+  params = net.init(jax.random.PRNGKey(seed))
+  return params, models.cross_entropy(net.apply), data.random_batch(net.input_shape, batch)
 
 
 # --- Steps -----------------------------------------------------------------------
 
 
-def single_device_steps(ms, no_group_grads_m):
-  """``{name: (tx, step(params, state, batch))}`` on one device.
+def in_device_steps(loss, ms, loops):
+  """``{(label, m, loop): (tx, jitted step)}``: SGD, SAM, and SAM with ``m``.
 
-  The steps of :func:`in_device_steps` for the MLP (``group_loop='vmap'``),
-  named for the first table, and SAM with ``m`` that recomputes the per-group
-  gradients itself (``no_group_grads_m``).
+  For every ``(m, loop)`` there is also ``sgd-groups``: SGD whose gradient is
+  the mean of the per-group gradients, computed with the same loop (one pass
+  over the same groups), to price that pass on its own.
   """
-  names = {("sgd", None, None): "jit: sgd",
-           ("sam", None, None): "jit: sam (m = batch)"}
+  sgd, sam = base(), methods.SAM.wrapper(base())
+  steps = {(SGD, None, None): (sgd, methods.train_step(sgd, loss)),
+           (SAM, None, None): (sam, methods.train_step(sam, loss))}
   for m in ms:
-    names[("sam", m, "vmap")] = f"jit: sam m={m}"
-    names[("sgd-groups", m, "vmap")] = (
-        f"jit: sgd, one vectorized pass over groups of m={m}")
+    for loop in loops:
+      tx = methods.SAM.wrapper(base(), m=m, group_loop=loop)
+      steps[(SAM, m, loop)] = (tx, methods.group_step(tx, loss, m, loop))
+      steps[(f"{SGD}-groups", m, loop)] = (sgd, methods.group_step(sgd, loss, m, loop))
+  return {k: (tx, jax.jit(f)) for k, (tx, f) in steps.items()}
+
+
+def single_device_steps(loss, ms, no_group_grads_m):
+  """``{name: (tx, step)}`` on one device: the steps of :func:`in_device_steps`
+  (``group_loop='vmap'``) named for the first table, and SAM with ``m`` that
+  recomputes the per-group gradients itself (``no_group_grads_m``)."""
+  names = {(SGD, None, None): f"jit: {SGD}",
+           (SAM, None, None): f"jit: {SAM} (m = batch)"}
+  for m in ms:
+    names[(SAM, m, "vmap")] = f"jit: {SAM} m={m}"
+    names[(f"{SGD}-groups", m, "vmap")] = (
+        f"jit: {SGD}, one vectorized pass over groups of m={m}")
   steps = {names[k]: v for k, v in in_device_steps(loss, ms, ["vmap"]).items()}
   if no_group_grads_m:
     m = no_group_grads_m
-    tx = sam_optax.sam(base(), RHO, m=m)
+    tx = methods.SAM.wrapper(base(), m=m)
 
     def m3_step(params, state, batch):
       grads = jax.grad(loss)(params, batch)
       updates, state = tx.update(grads, state, params, loss_fn=loss, batch=batch)
       return optax.apply_updates(params, updates), state
 
-    steps[f"jit: sam m={m} (no group_grads)"] = (tx, jax.jit(m3_step))
+    steps[f"jit: {SAM} m={m} (no group_grads)"] = (tx, jax.jit(m3_step))
   return steps
 
 
-def _mapped_bodies(axis, m=None):
+def _mapped_bodies(loss, axis, m=None):
   sgd = base()
 
   def sgd_body(params, state, batch):
@@ -136,154 +156,86 @@ def _mapped_bodies(axis, m=None):
     updates, state = sgd.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  tx = sam_optax.sam(base(), RHO, axis_name=axis, m=m)
-
-  def sam_body(params, state, batch):
-    w = sam_optax.per_device(params, axis)
-    if m is None:
-      loss_fn = lambda p: loss(p, batch)
-      grads = jax.grad(loss_fn)(w)
-      updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
-    else:
-      _, grads, group_grads = sam_optax.group_value_and_grad(loss, m)(w, batch)
-      updates, state = tx.update(grads, state, params, loss_fn=loss,
-                                 batch=batch, group_grads=group_grads)
-    return optax.apply_updates(params, updates), state
-
+  tx = methods.SAM.wrapper(base(), axis_name=axis, m=m)
+  per_device = lambda p: sam_optax.per_device(p, axis)
+  sam_body = (methods.train_step(tx, loss, per_device) if m is None
+              else methods.group_step(tx, loss, m, params_fn=per_device))
   return (sgd, sgd_body), (tx, sam_body)
 
 
-def pmap_steps():
-  (sgd, sgd_body), (tx, sam_body) = _mapped_bodies("p")
-  return {"pmap: sgd": (sgd, jax.pmap(sgd_body, axis_name="p")),
-          "pmap: sam": (tx, jax.pmap(sam_body, axis_name="p"))}
+def pmap_steps(loss):
+  (sgd, sgd_body), (tx, sam_body) = _mapped_bodies(loss, "p")
+  return {f"pmap: {SGD}": (sgd, jax.pmap(sgd_body, axis_name="p")),
+          f"pmap: {SAM}": (tx, jax.pmap(sam_body, axis_name="p"))}
 
 
-def shard_map_steps(mesh, ms):
+def shard_map_steps(loss, mesh, ms):
   out = {}
   wrap = lambda f: jax.jit(jax.shard_map(
       f, mesh=mesh, in_specs=(P(), P(), P("s")), out_specs=(P(), P())))
-  (sgd, sgd_body), (tx, sam_body) = _mapped_bodies("s")
-  out["shard_map: sgd"] = (sgd, wrap(sgd_body))
-  out["shard_map: sam"] = (tx, wrap(sam_body))
+  (sgd, sgd_body), (tx, sam_body) = _mapped_bodies(loss, "s")
+  out[f"shard_map: {SGD}"] = (sgd, wrap(sgd_body))
+  out[f"shard_map: {SAM}"] = (tx, wrap(sam_body))
   for m in ms:
-    _, (tx, body) = _mapped_bodies("s", m)
-    out[f"shard_map: sam × m={m}"] = (tx, wrap(body))
+    _, (tx, body) = _mapped_bodies(loss, "s", m)
+    out[f"shard_map: {SAM} × m={m}"] = (tx, wrap(body))
   return out
 
 
-# --- In-device m across models and group loops ---------------------------------
-
-# model name -> (builder kwargs, batch, m values). The MLP is the one above; the
-# CNN and the transformer block are those of ``benchmarks.step_time``.
-IN_DEVICE_MODELS = {
-    "mlp": (dict(), 256, (128, 64, 32)),
-    "cnn": (dict(channels=(16, 32, 64), image=32), 64, (32, 16)),
-    "transformer": (dict(d_model=64, heads=4, seq=32), 64, (16, 8)),
-}
-QUICK_MODELS = {
-    "mlp": (dict(width=32, depth=2, d_in=16), 32, (8,)),
-    "cnn": (dict(channels=(4, 8), image=8), 16, (8,)),
-    "transformer": (dict(d_model=16, heads=2, seq=8), 16, (8,)),
-}
+# --- Measuring -------------------------------------------------------------------
 
 
-def _model(name, kwargs, batch, seed=0):
-  """``(params, loss(params, (x, y)), (x, y))`` for one model of the sweep."""
-  from benchmarks import step_time  # pylint: disable=import-outside-toplevel
-  if name == "mlp":
-    kw = {"width": 512, "depth": 2, "d_in": 256, **kwargs}
-    params = make_mlp(kw["width"], kw["depth"], kw["d_in"], 10, seed)
-    shape, fn = (kw["d_in"],), loss
-  else:
-    params, apply, shape = step_time.MODELS[name](
-        jax.random.key(seed), jnp.float32, **kwargs)
-
-    def fn(params, chunk):
-      x, y = chunk
-      logits = apply(params, x).astype(jnp.float32)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  rng = np.random.default_rng(seed)
-  data = (jnp.asarray(rng.normal(size=(batch,) + shape), jnp.float32),
-          jnp.asarray(rng.integers(0, 10, size=(batch,)), jnp.int32))
-  return params, fn, data
+def measure(cases, rounds: int, baseline) -> dict:
+  """:func:`benchmarks.harness.timing.measure`, plus the all-reduce ops of each
+  compiled step and its ratios (paired round by round) to ``baseline(key)``."""
+  rows = timing.measure(cases, rounds)
+  for row in rows.values():
+    ops = all_reduce_ops(row.pop("compiled").as_text())
+    row["all_reduces"], row["all_reduce_floats"] = len(ops), sum(_floats(o) for o in ops)
+  for key, row in rows.items():
+    row["baseline"] = baseline(key)
+    row["paired"] = timing.paired(row, rows[row["baseline"]])
+  return rows
 
 
-def in_device_steps(fn, ms, loops):
-  """``{(label, m, loop): (tx, jitted step)}``: SGD, SAM, and SAM with ``m``.
-
-  For every ``(m, loop)`` there is also ``sgd-groups``: SGD whose gradient is
-  the mean of the per-group gradients, computed with the same loop (one pass
-  over the same groups), to price that pass on its own.
-  """
-  sgd = base()
-
-  def sgd_step(params, state, batch):
-    updates, state = sgd.update(jax.grad(fn)(params, batch), state, params)
-    return optax.apply_updates(params, updates), state
-
-  sam = sam_optax.sam(base(), RHO)
-
-  def sam_step(params, state, batch):
-    loss_fn = lambda p: fn(p, batch)
-    updates, state = sam.update(jax.grad(loss_fn)(params), state, params,
-                                loss_fn=loss_fn)
-    return optax.apply_updates(params, updates), state
-
-  steps = {("sgd", None, None): (sgd, sgd_step),
-           ("sam", None, None): (sam, sam_step)}
-  for m in ms:
-    for loop in loops:
-      tx = sam_optax.sam(base(), RHO, m=m, group_loop=loop)
-      value_and_grads = sam_optax.group_value_and_grad(fn, m, group_loop=loop)
-
-      def m_step(params, state, batch, tx=tx, value_and_grads=value_and_grads):
-        _, grads, group_grads = value_and_grads(params, batch)
-        updates, state = tx.update(grads, state, params, loss_fn=fn,
-                                   batch=batch, group_grads=group_grads)
-        return optax.apply_updates(params, updates), state
-
-      def groups_step(params, state, batch, value_and_grads=value_and_grads):
-        _, grads, _ = value_and_grads(params, batch)
-        updates, state = sgd.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-      steps[("sam", m, loop)] = (tx, m_step)
-      steps[("sgd-groups", m, loop)] = (sgd, groups_step)
-  return {k: (tx, jax.jit(f)) for k, (tx, f) in steps.items()}
+def run(args):
+  """The first table: one device, ``pmap`` and ``shard_map``, on the MLP."""
+  sizes = (args.d_in,) + (args.width,) * args.depth + (args.classes,)
+  b = args.per_device_batch
+  params, loss, (x, y) = workload("mlp", dict(sizes=sizes), N_DEV * b)
+  mesh = jax.make_mesh((N_DEV,), ("s",), axis_types=(jax.sharding.AxisType.Auto,))
+  cases = {}
+  for name, (tx, step) in single_device_steps(loss, args.m, args.no_group_grads_m).items():
+    cases[name] = timing.Case(step, (params, tx.init(params), (x[:b], y[:b])))
+  rep = lambda t: jax.tree.map(lambda a: jnp.stack([a] * N_DEV), t)
+  pbatch = (x.reshape(N_DEV, b, -1), y.reshape(N_DEV, b))
+  for name, (tx, step) in pmap_steps(loss).items():
+    cases[name] = timing.Case(step, (rep(params), rep(tx.init(params)), pbatch))
+  sbatch = jax.device_put((x, y), NamedSharding(mesh, P("s")))
+  for name, (tx, step) in shard_map_steps(loss, mesh, args.shard_map_m).items():
+    cases[name] = timing.Case(step, (params, tx.init(params), sbatch))
+  rows = measure(cases, args.rounds, lambda name: f"{name.split(':')[0]}: {SGD}")
+  return params, rows
 
 
 def run_in_device(args):
-  """Times every model's in-device steps; rows as in :func:`run`, per model."""
-  models = QUICK_MODELS if args.quick else IN_DEVICE_MODELS
+  """The second table: every model's in-device steps."""
   results = {}
   for name in args.models:
-    kwargs, batch, ms = models[name]
-    params, fn, data = _model(name, kwargs, batch)
-    cases = {}
-    for key, (tx, step) in in_device_steps(fn, ms, args.loops).items():
-      cases[key] = (step, (params, tx.init(params), data))
-    rows = measure(cases, args.in_device_rounds)
-    sgd = rows[("sgd", None, None)]
+    kwargs, batch, ms = (QUICK_MODELS if args.quick else IN_DEVICE_MODELS)[name]
+    params, loss, xy = workload(name, kwargs, batch)
+    cases = {key: timing.Case(step, (params, tx.init(params), xy))
+             for key, (tx, step) in in_device_steps(loss, ms, args.loops).items()}
+    rows = measure(cases, args.in_device_rounds, lambda key: (SGD, None, None))
     for (label, m, loop), row in rows.items():
-      # Paired: each step's time over SGD's in the same round (the same
-      # moment, so the same machine load), median over rounds.
-      row["ratio"] = statistics.median(
-          t / s for t, s in zip(row["times"], sgd["times"]))
-      row["min_ratio"] = row["min_ms"] / sgd["min_ms"]
-      row["flops_ratio"] = row["flops"] / sgd["flops"]
-      row["temp_ratio"] = row["temp"] / max(sgd["temp"], 1)
-      if label == "sam" and m is not None:
-        groups = rows[("sgd-groups", m, loop)]
-        row["groups_ratio"] = statistics.median(
-            t / s for t, s in zip(row["times"], groups["times"]))
-    n_params = sum(a.size for a in jax.tree.leaves(params))
-    results[name] = {"batch": batch, "params": n_params, "rows": rows,
+      if label == SAM and m is not None:
+        row["groups_ratio"] = timing.paired(row, rows[(f"{SGD}-groups", m, loop)])["median"]
+    results[name] = {"batch": batch, "params": models.n_params(params), "rows": rows,
                      "kwargs": kwargs}
   return results
 
 
+# --- Report ----------------------------------------------------------------------
 def _in_device_lines(results, args) -> list[str]:
   lines = [
       "## In-device m-sharpness across models and group loops",
@@ -307,16 +259,16 @@ def _in_device_lines(results, args) -> list[str]:
   ]
   for name, res in results.items():
     for (label, m, loop), row in res["rows"].items():
-      if label == "sgd-groups":
+      if label == f"{SGD}-groups":
         continue
-      what = "— (SGD)" if label == "sgd" else ("batch (plain SAM)" if m is None else m)
+      what = "— (SGD)" if label == SGD else ("batch (plain SAM)" if m is None else m)
       # XLA's cost analysis counts a loop body once: no FLOPs for `scan`.
-      flops = "n/a" if loop == "scan" else f"{row['flops_ratio']:.2f}"
+      flops = "n/a" if loop == "scan" else f"{row['paired']['flops']:.2f}"
       groups = f"{row['groups_ratio']:.2f}" if "groups_ratio" in row else "—"
       lines.append(
           f"| {name} | {res['batch']} | {what} | {loop or '—'} | {flops} "
-          f"| {row['temp_ratio']:.2f} | {row['ms']:.2f} | {row['ratio']:.2f} "
-          f"| {row['min_ratio']:.2f} | {groups} |")
+          f"| {row['paired']['temp']:.2f} | {row['ms']:.2f} | {row['paired']['median']:.2f} "
+          f"| {row['paired']['min']:.2f} | {groups} |")
   lines += ["", "Models: " + "; ".join(
       f"{name} ({res['params']:,} params{', ' if res['kwargs'] else ''}"
       f"{', '.join(f'{k}={v}' for k, v in res['kwargs'].items())})"
@@ -324,8 +276,8 @@ def _in_device_lines(results, args) -> list[str]:
   best = []
   for name, res in results.items():
     for m in sorted({m for (label, m, _) in res["rows"] if m is not None}, reverse=True):
-      cands = [(row["ratio"], loop) for (label, mm, loop), row in res["rows"].items()
-               if label == "sam" and mm == m]
+      cands = [(row["paired"]["median"], loop) for (label, mm, loop), row in res["rows"].items()
+               if label == SAM and mm == m]
       ratio, loop = min(cands)
       best.append(f"{name} m={m}: {ratio:.2f}× ({loop})")
   lines += ["Fastest group loop per model and m, × SGD (median): "
@@ -333,119 +285,31 @@ def _in_device_lines(results, args) -> list[str]:
   return lines
 
 
-# --- Timing ----------------------------------------------------------------------
-
-
-def xla_cost(compiled) -> dict:
-  """XLA's cost analysis of a compiled step as one dict (``{}`` if none)."""
-  cost = compiled.cost_analysis()
-  return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-
-
-def measure(cases, rounds: int, jit_to_lower=()) -> dict:
-  """Compiles, warms up and times every case in ``rounds`` interleaved rounds.
-
-  ``cases``: ``{key: (step, args)}``; a key in ``jit_to_lower`` is lowered
-  through ``jax.jit(step)`` (a ``pmap``). Each row holds the compiled step's
-  all-reduce ops and the floats they carry, XLA's FLOPs and bytes accessed,
-  its temp memory, the per-round times and their median and min in ms.
-  """
-  rows = {}
-  for key, (step, a) in cases.items():
-    compiled = (jax.jit(step) if key in jit_to_lower else step).lower(*a).compile()
-    ops = all_reduce_ops(compiled.as_text())
-    cost = xla_cost(compiled)
-    rows[key] = {"all_reduces": len(ops),
-                 "all_reduce_floats": sum(_floats(o) for o in ops),
-                 "flops": float(cost.get("flops", float("nan"))),
-                 "bytes": float(cost.get("bytes accessed", float("nan"))),
-                 "temp": compiled.memory_analysis().temp_size_in_bytes,
-                 "times": []}
-    jax.block_until_ready(step(*a))  # compile and warm up
-    jax.block_until_ready(step(*a))
-  for _ in range(rounds):
-    for key, (step, a) in cases.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(step(*a))
-      rows[key]["times"].append(time.perf_counter() - t0)
-  for row in rows.values():
-    row["ms"] = 1e3 * statistics.median(row["times"])
-    row["min_ms"] = 1e3 * min(row["times"])
-  return rows
-
-
-def run(args):
-  params = make_mlp(args.width, args.depth, args.d_in, args.classes)
-  b = args.per_device_batch
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(N_DEV * b, args.d_in)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, args.classes, size=(N_DEV * b,)), jnp.int32)
-  mesh = jax.make_mesh((N_DEV,), ("s",), axis_types=(jax.sharding.AxisType.Auto,))
-
-  cases = {}  # name -> (step, args)
-  local = (x[:b], y[:b])
-  for name, (tx, step) in single_device_steps(args.m, args.no_group_grads_m).items():
-    cases[name] = (step, (params, tx.init(params), local))
-  rep = lambda t: jax.tree.map(lambda a: jnp.stack([a] * N_DEV), t)
-  pbatch = (x.reshape(N_DEV, b, -1), y.reshape(N_DEV, b))
-  for name, (tx, step) in pmap_steps().items():
-    cases[name] = (step, (rep(params), rep(tx.init(params)), pbatch))
-  sbatch = jax.device_put((x, y), NamedSharding(mesh, P("s")))
-  for name, (tx, step) in shard_map_steps(mesh, args.shard_map_m).items():
-    cases[name] = (step, (params, tx.init(params), sbatch))
-
-  rows = measure(cases, args.rounds,
-                 jit_to_lower=[n for n in cases if n.startswith("pmap")])
-  for name, row in rows.items():
-    sgd = {"jit": "jit: sgd", "pmap": "pmap: sgd",
-           "shard_map": "shard_map: sgd"}[name.split(":")[0]]
-    row["baseline"] = sgd
-  for row in rows.values():
-    row["ratio"] = row["ms"] / rows[row["baseline"]]["ms"]
-    row["min_ratio"] = row["min_ms"] / rows[row["baseline"]]["min_ms"]
-    row["flops_ratio"] = row["flops"] / rows[row["baseline"]]["flops"]
-    row["bytes_ratio"] = row["bytes"] / rows[row["baseline"]]["bytes"]
-  return params, rows
-
-
-def environment() -> str:
-  dev = jax.devices()[0]
-  import jaxlib  # pylint: disable=import-outside-toplevel
-  return (f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, optax "
-          f"{optax.__version__}, numpy {np.__version__}, sam_optax "
-          f"{sam_optax.__version__}, python {platform.python_version()}; "
-          f"{jax.device_count()} simulated {dev.platform} devices on "
-          f"{platform.machine()} ({platform.processor() or 'unknown cpu'}) "
-          f"with {os.cpu_count()} cores, {platform.system()} "
-          f"{platform.release()}; {datetime.date.today().isoformat()}")
-
-
 def _pass_lines(rows) -> list[str]:
   """SAM-with-m time in units of one vectorized pass over the same groups."""
   out = []
   for name, row in rows.items():
-    m = re.fullmatch(r"jit: sam m=(\d+)", name)
-    one = rows.get(f"jit: sgd, one vectorized pass over groups of m={m.group(1)}") if m else None
+    m = re.fullmatch(rf"jit: {SAM} m=(\d+)", name)
+    one = rows.get(f"jit: {SGD}, one vectorized pass over groups of m={m.group(1)}") if m else None
     if one:
-      out.append(f"- m={m.group(1)}: SAM step = {row['ms'] / one['ms']:.2f} "
-                 f"(median; {row['min_ms'] / one['min_ms']:.2f} min) × an SGD "
+      paired = timing.paired(row, one)
+      out.append(f"- m={m.group(1)}: SAM step = {paired['median']:.2f} "
+                 f"(median; {paired['min']:.2f} min) × an SGD "
                  "step that takes one vectorized pass over the same groups.")
   return out
 
 
-def plot(rows, in_device, path: str) -> None:
+def plot(rows, in_device):
   """Bar charts: × SGD per setting (top), in-device m per model and loop (bottom)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = report.pyplot()
   panels = 2 if in_device else 1
   fig, axes = plt.subplots(panels, 1, figsize=(11, 4.2 * panels), squeeze=False)
   ax = axes[0, 0]
   names = [n for n in rows if "one vectorized pass" not in n]
-  ax.bar(range(len(names)), [rows[n]["ratio"] for n in names],
+  ax.bar(range(len(names)), [rows[n]["paired"]["median"] for n in names],
          color=[f"C{['jit', 'pmap', 'shard_map'].index(n.split(':')[0])}" for n in names])
   for i, n in enumerate(names):
-    ax.text(i, rows[n]["ratio"], f"{rows[n]['all_reduces']} AR", ha="center",
+    ax.text(i, rows[n]["paired"]["median"], f"{rows[n]['all_reduces']} AR", ha="center",
             va="bottom", fontsize=7)
   ax.set_xticks(range(len(names)))
   ax.set_xticklabels([n.replace(": ", ":\n") for n in names], fontsize=7)
@@ -459,17 +323,17 @@ def plot(rows, in_device, path: str) -> None:
                                for (_, _, loop) in res["rows"] if loop))
     groups = [(name, m) for name, res in in_device.items()
               for m in dict.fromkeys(m for (label, m, _) in res["rows"]
-                                     if label == "sam" and m is not None)]
+                                     if label == SAM and m is not None)]
     width = 0.8 / len(loops)
     for j, loop in enumerate(loops):
-      vals = [in_device[name]["rows"][("sam", m, loop)]["ratio"] for name, m in groups]
+      vals = [in_device[name]["rows"][(SAM, m, loop)]["paired"]["median"] for name, m in groups]
       ax.bar(np.arange(len(groups)) + (j - len(loops) / 2 + 0.5) * width, vals,
              width, label=f"group_loop='{loop}'", color=f"C{j}")
-    sam = [in_device[name]["rows"][("sam", None, None)]["ratio"] for name, _ in groups]
+    sam = [in_device[name]["rows"][(SAM, None, None)]["paired"]["median"] for name, _ in groups]
     ax.scatter(np.arange(len(groups)), sam, marker="_", s=400, color="k",
                zorder=3, label="plain SAM (m = batch)")
     ax.axhline(2.10, color="k", lw=0.8, ls=":", label="2.10 × SGD")
-    top = 1.3 * max(row["ratio"] for res in in_device.values()
+    top = 1.3 * max(row["paired"]["median"] for res in in_device.values()
                     for row in res["rows"].values())
     ax.set_yscale("log")
     ax.set_ylim(0.9, top)
@@ -482,37 +346,53 @@ def plot(rows, in_device, path: str) -> None:
     ax.set_title("In-device m-sharpness: group loops across models")
     ax.legend(fontsize=7, ncol=5, loc="upper left")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
+
+
+def records(rows, rounds: int) -> list[dict]:
+  return [{"setting": name, "all_reduce_ops": row["all_reduces"],
+           "all_reduce_floats": row["all_reduce_floats"], "flops": row["flops"],
+           "bytes_accessed": row["bytes"], "flops_ratio_to_sgd": row["paired"]["flops"],
+           "bytes_ratio_to_sgd": row["paired"]["bytes"], "median_ms_per_step": row["ms"],
+           "median_ratio_to_sgd": row["paired"]["median"], "min_ms_per_step": row["min_ms"],
+           "min_ratio_to_sgd": row["paired"]["min"], "baseline": row["baseline"],
+           "rounds": rounds} for name, row in rows.items()]
+
+
+def in_device_records(in_device, rounds: int) -> list[dict]:
+  return [{"model": name, "batch": res["batch"], "params": res["params"], "step": label,
+           "m": m or "", "group_loop": loop or "", "flops_ratio_to_sgd": row["paired"]["flops"],
+           "temp_bytes": int(row["temp"]), "temp_ratio_to_sgd": row["paired"]["temp"],
+           "median_ms_per_step": row["ms"], "median_ratio_to_sgd": row["paired"]["median"],
+           "min_ratio_to_sgd": row["paired"]["min"],
+           "ratio_to_sgd_over_groups": row.get("groups_ratio", ""), "rounds": rounds}
+          for name, res in (in_device or {}).items()
+          for (label, m, loop), row in res["rows"].items()]
 
 
 def write(params, rows, args, in_device=None) -> str:
-  n_params = sum(a.size for a in jax.tree.leaves(params))
   lines = [
       "# m-sharpness at every scale: all-reduces and step time",
       "",
       f"MLP {args.d_in}→{'→'.join([str(args.width)] * args.depth)}→"
-      f"{args.classes} ({n_params:,} params, relu, softmax cross-entropy), "
+      f"{args.classes} ({models.n_params(params):,} params, relu, softmax cross-entropy), "
       f"per-device batch {args.per_device_batch}, SGD momentum {MOMENTUM} as "
       f"the base optimizer, ρ = {RHO}. Median (and min) of {args.rounds} interleaved "
       "jitted steps; the ratio is to SGD in the same setting (same devices, "
-      "same per-device batch). `all-reduce ops` counts the ops in the "
+      "same per-device batch), median over rounds of the per-round ratio. "
+      "`all-reduce ops` counts the ops in the "
       "compiled step; `floats` is what they carry. `FLOPs` and `bytes` are "
       "XLA's cost analysis of the compiled step (`compiled.cost_analysis()`): "
       "machine-independent, they count passes; the times price them on this "
       "host.",
       "",
-      "| setting | all-reduce ops | floats all-reduced | FLOPs × SGD "
-      "| bytes × SGD | median ms / step | × SGD (median) | min ms / step "
-      "| × SGD (min) |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-  ]
-  for name, row in rows.items():
-    lines.append(f"| {name} | {row['all_reduces']} | {row['all_reduce_floats']:,} "
-                 f"| {row['flops_ratio']:.2f} | {row['bytes_ratio']:.2f} "
-                 f"| {row['ms']:.2f} | {row['ratio']:.2f} | {row['min_ms']:.2f} "
-                 f"| {row['min_ratio']:.2f} |")
-  lines += [
+      report.markdown_table(
+          ["setting", "all-reduce ops", "floats all-reduced", "FLOPs × SGD", "bytes × SGD",
+           "median ms / step", "× SGD (median)", "min ms / step", "× SGD (min)"],
+          [(name, row["all_reduces"], f"{row['all_reduce_floats']:,}",
+            f"{row['paired']['flops']:.2f}", f"{row['paired']['bytes']:.2f}",
+            f"{row['ms']:.2f}", f"{row['paired']['median']:.2f}", f"{row['min_ms']:.2f}",
+            f"{row['paired']['min']:.2f}") for name, row in rows.items()]),
       "",
       "Reading it: SAM under `pmap`/`shard_map` all-reduces once per step, like "
       "SGD; that one op carries ∇L(w+ε) and the step's statistics (a few "
@@ -529,51 +409,17 @@ def write(params, rows, args, in_device=None) -> str:
       "pass` rows price one pass over the groups.",
       "",
   ] + _pass_lines(rows) + [""] + (_in_device_lines(in_device, args) if in_device else []) + [
-      "Plot: `distributed.png`; per-row values: `distributed.csv`"
-      + (", `distributed_in_device.csv`." if in_device else "."),
-      "",
-      f"Environment: {environment()}. Host load average (1 min) "
-      f"{args.load[0]:.1f} before and {args.load[1]:.1f} after the run: the "
-      "8 simulated devices share the host's cores with whatever else runs, "
+      f"Host load average (1 min) {args.load[0]:.1f} before and {args.load[1]:.1f} after "
+      "the run: the 8 simulated devices share the host's cores with whatever else runs, "
       "so the median is noisy; the min column is the least disturbed step.",
       "",
       "Command: `" + " ".join(["python -m benchmarks.distributed"] + args.argv) + "`",
-      "",
   ]
   text = "\n".join(lines)
-  os.makedirs(args.out_dir, exist_ok=True)
-  plot(rows, in_device, os.path.join(args.out_dir, "distributed.png"))
-  with open(os.path.join(args.out_dir, "distributed.md"), "w") as f:
-    f.write(text)
-  with open(os.path.join(args.out_dir, "distributed.csv"), "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["setting", "all_reduce_ops", "all_reduce_floats", "flops",
-                "bytes_accessed", "flops_ratio_to_sgd", "bytes_ratio_to_sgd",
-                "median_ms_per_step", "median_ratio_to_sgd", "min_ms_per_step",
-                "min_ratio_to_sgd", "baseline", "rounds"])
-    for name, row in rows.items():
-      w.writerow([name, row["all_reduces"], row["all_reduce_floats"],
-                  f"{row['flops']:.0f}", f"{row['bytes']:.0f}",
-                  f"{row['flops_ratio']:.4f}", f"{row['bytes_ratio']:.4f}",
-                  f"{row['ms']:.4f}", f"{row['ratio']:.4f}",
-                  f"{row['min_ms']:.4f}", f"{row['min_ratio']:.4f}",
-                  row["baseline"], args.rounds])
-  if in_device:
-    with open(os.path.join(args.out_dir, "distributed_in_device.csv"), "w",
-              newline="") as f:
-      w = csv.writer(f)
-      w.writerow(["model", "batch", "params", "step", "m", "group_loop",
-                  "flops_ratio_to_sgd", "temp_bytes", "temp_ratio_to_sgd",
-                  "median_ms_per_step", "median_ratio_to_sgd",
-                  "min_ratio_to_sgd", "ratio_to_sgd_over_groups", "rounds"])
-      for name, res in in_device.items():
-        for (label, m, loop), row in res["rows"].items():
-          w.writerow([name, res["batch"], res["params"], label, m or "", loop or "",
-                      f"{row['flops_ratio']:.4f}", row["temp"],
-                      f"{row['temp_ratio']:.4f}", f"{row['ms']:.4f}",
-                      f"{row['ratio']:.4f}", f"{row['min_ratio']:.4f}",
-                      f"{row['groups_ratio']:.4f}" if "groups_ratio" in row else "",
-                      args.in_device_rounds])
+  report.write(os.path.join(args.out_dir, "distributed.md"), text,
+               records=records(rows, args.rounds),
+               tables={"in_device": in_device_records(in_device, args.in_device_rounds)},
+               figure=plot(rows, in_device))
   return text
 
 
@@ -598,14 +444,14 @@ def main(argv=None):
   parser.add_argument("--in-device-rounds", type=int, default=40)
   parser.add_argument("--quick", action="store_true",
                       help="tiny models and few rounds: a smoke run")
-  parser.add_argument("--out-dir", default=RESULTS_DIR)
+  parser.add_argument("--out-dir", default=report.RESULTS_DIR)
   args = parser.parse_args(argv)
   if args.quick:
     args.rounds, args.in_device_rounds = 3, 3
   elif min(args.rounds, args.in_device_rounds) < 20:
     parser.error("--rounds and --in-device-rounds must be at least 20 (the "
                  "median of >= 20 steps); use --quick for a smoke run")
-  args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+  args.argv = list(argv) if argv is not None else sys.argv[1:]
   load_before = os.getloadavg()[0]
   if args.quick:
     args.width, args.d_in, args.per_device_batch = 32, 16, 16

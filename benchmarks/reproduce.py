@@ -1,8 +1,8 @@
 """The main job: SGD vs SAM (and its variants) on digits with noisy labels.
 
 Offline and CPU-friendly: trains an MLP with SGD (momentum) and with the same
-optimizer wrapped in :func:`sam_optax.sam` (and, with ``--methods``, in the
-variants this ``sam_optax`` provides), on scikit-learn's digits whose training
+optimizer wrapped in :func:`sam_optax.sam` (and, with ``--methods``, in any
+method of the library's list), on scikit-learn's digits whose training
 labels are partly replaced by random ones, and reports the clean test
 accuracy. Prints a table and writes it, the per-run results and a plot of the
 accuracy curves to ``--out``.
@@ -20,27 +20,25 @@ import time
 import numpy as np
 import optax
 
-from benchmarks import common
-
-# Kept importable from here (older scripts use them).
-Data = common.Data
-noisy_digits = common.noisy_digits
-init_mlp, mlp, cross_entropy = common.init_mlp, common.mlp, common.cross_entropy
+from benchmarks.harness import data as data_lib
+from benchmarks.harness import environment
+from benchmarks.harness import methods as methods_lib
+from benchmarks.harness import report
+from benchmarks.harness import training
 
 
 def run(methods, *, noise: float, rho: float, lr: float, seeds: int, epochs: int,
         batch_size: int, hidden: int, progress=None) -> dict:
   """Trains every method on ``seeds`` seeds; returns per-method, per-seed results."""
   seed_list = list(range(seeds))
-  data = common.stack([common.noisy_digits(noise, s) for s in seed_list])
-  table = common.methods(methods)
+  data = data_lib.stack([data_lib.noisy_digits(noise, s) for s in seed_list])
   results = {}
   for method in methods:
     if progress is not None:
       progress.set_postfix(method=method)
-    tx = table[method](optax.sgd(lr, momentum=0.9), rho)
-    out = common.train_runs(tx, data, seed_list, sizes=(data.x_train.shape[-1], hidden, hidden, 10),
-                            epochs=epochs, batch_size=batch_size, progress=progress)
+    tx = methods_lib.build(method, optax.sgd(lr, momentum=0.9), rho)
+    out = training.train_runs(tx, data, seed_list, sizes=(data.x_train.shape[-1], hidden, hidden, 10),
+                              epochs=epochs, batch_size=batch_size, progress=progress)
     results[method] = [{
         "seed": s,
         "curve": [float(a) for a in out["curve"][i]],
@@ -57,18 +55,18 @@ def format_table(results, args, elapsed_s: float) -> str:
             f"{args.epochs} epochs, {args.seeds} seed(s); mean ± std over seeds")
   rows = []
   for method, runs in results.items():
-    rows.append((method, common.describe(method, args.rho),
-                 common.mean_std([r["best_test_acc"] for r in runs]),
-                 common.mean_std([r["final_test_acc"] for r in runs]),
+    rows.append((method, methods_lib.describe(method, args.rho),
+                 report.mean_std([r["best_test_acc"] for r in runs]),
+                 report.mean_std([r["final_test_acc"] for r in runs]),
                  f"{np.mean([r['train_acc_noisy'] for r in runs]):.3f}"))
-  table = common.markdown_table(
+  table = report.markdown_table(
       ["method", "setting", "best clean test acc", "final clean test acc",
        "train acc (noisy labels)"], rows)
-  return "\n".join([header, "", table, "", common.environment_line(elapsed_s)])
+  return "\n".join([header, "", table, "", environment.line(elapsed_s)])
 
 
 def plot(results, args, path: str) -> None:
-  plt = common.pyplot()
+  plt = report.pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   for method, runs in results.items():
     curves = np.array([r["curve"] for r in runs])
@@ -86,7 +84,7 @@ def plot(results, args, path: str) -> None:
 
 
 def main(argv=None):
-  available = common.available_methods()
+  available = methods_lib.names()
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--noise", type=float, default=0.6, help="fraction of random training labels")
   parser.add_argument("--rho", type=float, default=0.3,
@@ -103,14 +101,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.quick:
     args.seeds, args.epochs, args.hidden = 1, 8, 64
-  if args.methods.strip() == "all":
-    methods = available
-  else:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-  unknown = [m for m in methods if m not in available]
-  if unknown:
-    parser.error(f"--methods {','.join(unknown)}: not available in this sam_optax; "
-                 f"choose from {','.join(available)} (or 'all')")
+  methods = methods_lib.parse(args.methods, available, "--methods", parser.error)
   if not 0 <= args.noise <= 1:
     parser.error(f"--noise {args.noise}: must be a fraction in [0, 1]")
 
@@ -130,7 +121,7 @@ def main(argv=None):
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write(table + "\n")
   with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump({"args": vars(args), "env": common.environment(), "results": results}, f, indent=1)
+    json.dump({"args": vars(args), "env": environment.environment(), "results": results}, f, indent=1)
   path = os.path.join(args.out, "accuracy.png")
   plot(results, args, path)
   print(f"wrote {args.out}/table.md, results.json and {path}")

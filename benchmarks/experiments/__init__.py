@@ -1,8 +1,10 @@
 """Reproductions of the claims of the SAM papers, small enough for a CPU.
 
-Each module runs one experiment with the library's own transforms over
-several seeds and writes a markdown table (mean ± std), a per-run CSV and a
-plot to ``benchmarks/results/``:
+Each module declares one experiment (``EXPERIMENT``: its config, quick
+config, run, summary, notes and plot; :mod:`benchmarks.harness.experiment`)
+run with the library's own transforms over several seeds; the harness writes
+a markdown table (mean ± std), a per-run CSV and a plot to
+``benchmarks/results/``:
 
 * :mod:`~benchmarks.experiments.e1_msharpness`: m-sharpness on a sparse
   diagonal linear network (smaller m, lower test error).
@@ -13,7 +15,8 @@ plot to ``benchmarks/results/``:
 * :mod:`~benchmarks.experiments.e4_balance`: balanced feature learning (SAM
   relies more on a hard feature than plain gradient descent does).
 
-``python -m benchmarks.experiments`` runs all four; ``--quick`` shrinks them.
+``python -m benchmarks.experiments`` runs all four (``--quick`` shrinks them,
+``--only`` picks some); ``python -m benchmarks.experiments.<name>`` runs one.
 """
 
 EXPERIMENTS = ("e1_msharpness", "e2_label_noise", "e3_hessian", "e4_balance")

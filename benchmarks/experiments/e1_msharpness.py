@@ -16,7 +16,6 @@ inputs is ``‖u ⊙ v − β*‖²``.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Optional, Sequence
 
 import jax
@@ -25,7 +24,10 @@ import numpy as np
 import optax
 
 import sam_optax
-from benchmarks import common
+from benchmarks.harness import methods
+from benchmarks.harness import report
+from benchmarks.harness import experiment
+from benchmarks.harness.experiment import Experiment
 
 NAME = "e1_msharpness"
 
@@ -81,31 +83,21 @@ def train(m: Optional[int], cfg: Config):
   betas = np.stack([d[2] for d in datas])
   base = optax.sgd(cfg.lr)
   tx = base if m is None else sam_optax.sam(base, rho=rho_schedule(cfg), m=m)
-  value_and_grads = sam_optax.group_value_and_grad(loss, m=cfg.n if m is None else m)
+  # GD: one group of n, whose gradient is the batch gradient (sgd ignores the rest).
+  step = methods.group_step(tx, loss, cfg.n if m is None else m)
 
   def one_run(x, y):
     params = {"u": jnp.full((cfg.d,), cfg.init), "v": jnp.full((cfg.d,), cfg.init)}
-    batch = (x, y)
-
-    def step(carry, _):
-      params, state = carry
-      _, grads, group_grads = value_and_grads(params, batch)
-      if m is None:
-        updates, state = tx.update(grads, state, params)
-      else:
-        updates, state = tx.update(grads, state, params, loss_fn=loss, batch=batch,
-                                   group_grads=group_grads)
-      return (optax.apply_updates(params, updates), state), None
-
-    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=cfg.steps)
-    return params["u"] * params["v"], loss(params, batch)
+    body = lambda carry, _: (step(*carry, (x, y)), None)
+    (params, _), _ = jax.lax.scan(body, (params, tx.init(params)), None, length=cfg.steps)
+    return params["u"] * params["v"], loss(params, (x, y))
 
   w, train_loss = jax.jit(jax.vmap(one_run))(xs, ys)
   test_error = np.sum((np.asarray(w) - betas) ** 2, axis=1)
   return test_error, np.asarray(train_loss)
 
 
-def run(cfg: Config = Config()) -> list[dict]:
+def run(cfg: Config = Config(), progress=None) -> list[dict]:
   records = []
   for m in cfg.ms:
     test_error, train_loss = train(m, cfg)
@@ -119,7 +111,7 @@ def _label(r, n):
   return "GD" if r["method"] == "gd" else f"SAM m={r['m']}" + (" (= n)" if r["m"] == n else "")
 
 
-def summarize(records, cfg: Config):
+def summarize(records, cfg: Config) -> str:
   groups = {}
   for r in records:
     groups.setdefault(_label(r, cfg.n), []).append(r)
@@ -129,7 +121,7 @@ def summarize(records, cfg: Config):
     tl = np.array([r["train_loss"] for r in rs])
     rows.append((label, f"{np.mean(te):.2e} ± {np.std(te):.1e}",
                  f"{np.exp(np.mean(np.log(te))):.2e}", f"{np.mean(tl):.1e}"))
-  return common.markdown_table(
+  return report.markdown_table(
       ["method", "test error ‖u⊙v − β*‖² (mean ± std)", "geometric mean", "final train loss"],
       rows)
 
@@ -145,7 +137,7 @@ def ordering(records, n: int) -> dict:
 
 
 def plot(records, cfg: Config):
-  plt = common.pyplot()
+  plt = report.pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   sam = [r for r in records if r["method"] == "sam"]
   ms = sorted({r["m"] for r in sam})
@@ -165,20 +157,12 @@ def plot(records, cfg: Config):
   ax.set_ylabel("test error ‖u⊙v − β*‖²")
   ax.set_title(f"E1: m-sharpness, diagonal linear net (n={cfg.n}, d={cfg.d})")
   ax.legend()
-  fig.tight_layout()
   return fig
 
 
-def main(argv=None):
-  parser = common.experiment_parser(__doc__)
-  args = parser.parse_args(argv)
-  cfg = common.experiment_config(args, Config(), QUICK)
-  t0 = time.time()
-  records = run(cfg)
-  elapsed = time.time() - t0
+def notes(records, cfg: Config) -> str:
   order = ordering(records, cfg.n)
-  table = summarize(records, cfg)
-  notes = (
+  return (
       f"Setup: n = {cfg.n} Gaussian examples, d = {cfg.d}, {cfg.k}-sparse β* (ones), no noise; "
       f"f(x) = ⟨u ⊙ v, x⟩ from u = v = {cfg.init}; half mean squared error; "
       f"`optax.sgd({cfg.lr})` for {cfg.steps} full-batch steps, alone (GD) or in "
@@ -187,12 +171,14 @@ def main(argv=None):
       f"{cfg.decay_fraction:.0%} of the steps. {len(cfg.seeds)} seeds (data and β* drawn per seed).\n\n"
       f"Strict ordering m=1 < m=4 < m=n on {order['ordered']} of {order['seeds']} seeds. "
       "Reference (one numpy calibration run): m=1 8.2e-6 < m=4 4.4e-4 < m=20 5.2e-3; GD 6.3e-4.")
-  fig = plot(records, cfg)
-  common.write_results(NAME, title="E1: m-sharpness on a sparse diagonal linear network",
-                       table=table, records=records, figure=fig, notes=notes,
-                       elapsed_s=elapsed, out_dir=args.out,
-                       summary=table + "\n\n" + notes.split("\n\n")[1])
-  return records
+
+
+EXPERIMENT = Experiment(
+    name=NAME, title="E1: m-sharpness on a sparse diagonal linear network", doc=__doc__,
+    default=Config(), quick=QUICK, run=run, summarize=summarize, notes=notes, plot=plot)
+
+
+main = experiment.entry_point(EXPERIMENT)
 
 
 if __name__ == "__main__":

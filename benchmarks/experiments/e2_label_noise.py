@@ -4,9 +4,9 @@ Foret et al. (2021), Table 4: on CIFAR-10 with 20/40/60/80% random labels,
 SAM keeps most of its clean accuracy while SGD collapses. Here, offline and
 on a CPU: scikit-learn's digits and MNIST-1D (from the ``mnist1d`` package's
 generator), a fraction of training labels replaced by random ones, an MLP
-trained with SGD (momentum) alone and wrapped in :func:`sam_optax.sam` and,
-when this ``sam_optax`` has them, :func:`sam_optax.asam` and
-:func:`sam_optax.gsam`. Clean test accuracy, best epoch and last epoch.
+trained with SGD (momentum) alone and wrapped in :func:`sam_optax.sam`,
+:func:`sam_optax.asam` and :func:`sam_optax.gsam` (``--methods``: any of the
+library's list). Clean test accuracy, best epoch and last epoch.
 
 All runs of one method on one data set (noise rates × seeds) train at once
 (``jax.vmap``): one compilation per method and data set.
@@ -17,13 +17,17 @@ All runs of one method on one data set (noise rates × seeds) train at once
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Sequence
 
 import numpy as np
 import optax
 
-from benchmarks import common
+from benchmarks.harness import data as data_lib
+from benchmarks.harness import experiment
+from benchmarks.harness import methods as methods_lib
+from benchmarks.harness import report
+from benchmarks.harness import training
+from benchmarks.harness.experiment import Experiment
 
 NAME = "e2_label_noise"
 
@@ -56,32 +60,31 @@ QUICK = Config(datasets=(dataclasses.replace(DATASETS["digits"], hidden=128, epo
                noises=(0.6,), methods=("sgd", "sam"), seeds=(0,))
 
 
-def load(dataset: str, noise: float, seed: int) -> common.Data:
-  if dataset == "digits":
-    return common.noisy_digits(noise, seed)
-  if dataset == "mnist1d":
-    return common.noisy_mnist1d(noise, seed)
-  raise ValueError(f"unknown data set {dataset!r}; use 'digits' or 'mnist1d'")
+LOADERS = {"digits": data_lib.noisy_digits, "mnist1d": data_lib.noisy_mnist1d}
+
+
+def load(dataset: str, noise: float, seed: int) -> data_lib.Data:
+  if dataset not in LOADERS:
+    raise ValueError(f"unknown data set {dataset!r}; use one of {', '.join(LOADERS)}")
+  return LOADERS[dataset](noise, seed)
 
 
 def run(cfg: Config = Config(), progress=None) -> list[dict]:
-  available = common.available_methods()
-  methods = [m for m in cfg.methods if m in available]
   records = []
   for ds in cfg.datasets:
     runs = [(noise, seed) for noise in cfg.noises for seed in cfg.seeds]
-    data = common.stack([load(ds.name, noise, seed) for noise, seed in runs])
+    data = data_lib.stack([load(ds.name, noise, seed) for noise, seed in runs])
     sizes = (data.x_train.shape[-1], ds.hidden, ds.hidden, 10)
-    for method in methods:
+    for method in cfg.methods:
       if progress is not None:
         progress.set_postfix(data=ds.name, method=method)
-      tx = common.methods([method])[method](optax.sgd(ds.lr, momentum=0.9), ds.rho)
-      out = common.train_runs(tx, data, [seed for _, seed in runs], sizes=sizes,
-                              epochs=ds.epochs, batch_size=ds.batch_size, progress=progress)
+      tx = methods_lib.build(method, optax.sgd(ds.lr, momentum=0.9), ds.rho)
+      out = training.train_runs(tx, data, [seed for _, seed in runs], sizes=sizes,
+                                epochs=ds.epochs, batch_size=ds.batch_size, progress=progress)
       for i, (noise, seed) in enumerate(runs):
         records.append({
             "dataset": ds.name, "noise": noise, "method": method, "seed": seed,
-            "setting": common.describe(method, ds.rho),
+            "setting": methods_lib.describe(method, ds.rho),
             "best_test_acc": float(out["curve"][i].max()),
             "best_epoch": int(out["curve"][i].argmax()) + 1,
             "final_test_acc": float(out["curve"][i, -1]),
@@ -120,7 +123,7 @@ def findings(records) -> str:
   return "\n".join(f"- {l}" for l in lines)
 
 
-def summarize(records) -> str:
+def summarize(records, cfg: Config = None) -> str:
   datasets = list(dict.fromkeys(r["dataset"] for r in records))
   methods = list(dict.fromkeys(r["method"] for r in records))
   noises = sorted({r["noise"] for r in records})
@@ -131,18 +134,20 @@ def summarize(records) -> str:
       for noise in noises:
         row = [ds, f"{noise:.0%}"]
         for m in methods:
-          row.append(common.mean_std(_values(records, key=key, dataset=ds, noise=noise, method=m)))
+          row.append(report.mean_std(_values(records, key=key, dataset=ds, noise=noise, method=m)))
         if "sam" in methods and "sgd" in methods:
           row.append(f"{100 * lead(records, ds, noise, 'sam', key):+.1f}")
         rows.append(row)
     header = ["data", "noise"] + methods + (["SAM − SGD (points)"] if "sam" in methods else [])
     out.append(f"**Clean test accuracy, {label}** (mean ± std over seeds)\n\n"
-               + common.markdown_table(header, rows))
-  return "\n\n".join(out)
+               + report.markdown_table(header, rows))
+  table = "\n\n".join(out)
+  reading = findings(records)
+  return table + ("\n\n**Reading**\n\n" + reading if reading else "")
 
 
-def plot(records):
-  plt = common.pyplot()
+def plot(records, cfg: Config = None):
+  plt = report.pyplot()
   datasets = list(dict.fromkeys(r["dataset"] for r in records))
   methods = list(dict.fromkeys(r["method"] for r in records))
   noises = sorted({r["noise"] for r in records})
@@ -159,50 +164,16 @@ def plot(records):
     ax.set_title(f"{ds} (solid: best epoch, dotted: last)")
     ax.legend()
   fig.suptitle("E2: label noise")
-  fig.tight_layout()
   return fig
 
 
-def main(argv=None):
-  parser = common.experiment_parser(__doc__)
-  parser.add_argument("--datasets", default="", help="comma-separated: digits,mnist1d")
-  parser.add_argument("--methods", default="", help="comma-separated (default sgd,sam,asam,gsam)")
-  parser.add_argument("--noises", default="", help="comma-separated fractions")
-  parser.add_argument("--replot", action="store_true",
-                      help="rewrite the table and plot from the CSV of an earlier run")
-  args = parser.parse_args(argv)
-  cfg = common.experiment_config(args, Config(), QUICK)
-  if args.datasets:
-    cfg = dataclasses.replace(cfg, datasets=tuple(DATASETS[d] for d in args.datasets.split(",")))
-  if args.methods:
-    cfg = dataclasses.replace(cfg, methods=tuple(args.methods.split(",")))
-  if args.noises:
-    cfg = dataclasses.replace(cfg, noises=tuple(float(x) for x in args.noises.split(",")))
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  available = common.available_methods()
-  n_methods = len([m for m in cfg.methods if m in available])
-  if args.replot:
-    records, elapsed = common.read_records(NAME, args.out), common.recorded_run_time(NAME, args.out)
-    cfg = dataclasses.replace(
-        cfg, seeds=tuple(sorted({r["seed"] for r in records})),
-        datasets=tuple(DATASETS[d] for d in dict.fromkeys(r["dataset"] for r in records)),
-        methods=tuple(dict.fromkeys(r["method"] for r in records)))
-  else:
-    t0 = time.time()
-    with tqdm(total=sum(d.epochs for d in cfg.datasets) * n_methods, desc=NAME,
-              unit="epoch") as bar:
-      records = run(cfg, progress=bar)
-    elapsed = time.time() - t0
-  table = summarize(records)
-  reading = findings(records)
-  if reading:
-    table += "\n\n**Reading**\n\n" + reading
+def notes(records, cfg: Config) -> str:
   setups = "; ".join(
       f"{d.name}: MLP {d.hidden}x{d.hidden}, `optax.sgd({d.lr}, momentum=0.9)`, batch "
       f"{d.batch_size}, {d.epochs} epochs, SAM ρ = {d.rho}" for d in cfg.datasets)
-  methods_used = [m for m in cfg.methods if m in available]
-  settings = "; ".join(f"{m}: {common.describe(m, cfg.datasets[0].rho)}" for m in methods_used)
-  notes = (
+  settings = "; ".join(f"{m}: {methods_lib.describe(m, cfg.datasets[0].rho)}"
+                       for m in cfg.methods)
+  return (
       f"Setup: {setups}. A fraction `noise` of the training labels is replaced by uniformly "
       "random labels (so about 0.9 × noise are wrong); test labels are clean. Digits: a "
       "70/30 split drawn per seed; MNIST-1D: the package's default 4000/1000 split. "
@@ -212,10 +183,34 @@ def main(argv=None):
       "20/40/60/80% noise. An MLP reads MNIST-1D poorly (about 0.5 test accuracy at 20% "
       "noise; a 1-D CNN does far better but costs minutes per run on 2 CPU cores), and at 80% "
       "noise it is near chance with either optimizer.")
-  common.write_results(NAME, title="E2: label noise, SGD vs SAM (and ASAM, GSAM)",
-                       table=table, records=records, figure=plot(records), notes=notes,
-                       elapsed_s=elapsed, out_dir=args.out)
-  return records
+
+
+def _flags(parser):
+  parser.add_argument("--datasets", default="", help="comma-separated: " + ",".join(DATASETS))
+  parser.add_argument("--noises", default="", help="comma-separated fractions")
+
+
+def _configure(cfg: Config, args) -> Config:
+  if args.datasets:
+    cfg = dataclasses.replace(cfg, datasets=tuple(DATASETS[d] for d in args.datasets.split(",")))
+  if args.noises:
+    cfg = dataclasses.replace(cfg, noises=tuple(float(x) for x in args.noises.split(",")))
+  return cfg
+
+
+def _from_records(cfg: Config, records) -> Config:
+  return dataclasses.replace(
+      cfg, datasets=tuple(DATASETS[d] for d in dict.fromkeys(r["dataset"] for r in records)))
+
+
+EXPERIMENT = Experiment(
+    name=NAME, title="E2: label noise, SGD vs SAM (and ASAM, GSAM)", doc=__doc__,
+    default=Config(), quick=QUICK, run=run, summarize=summarize, notes=notes, plot=plot,
+    epochs=lambda cfg: sum(d.epochs for d in cfg.datasets) * len(cfg.methods),
+    flags=_flags, configure=_configure, from_records=_from_records)
+
+
+main = experiment.entry_point(EXPERIMENT)
 
 
 if __name__ == "__main__":

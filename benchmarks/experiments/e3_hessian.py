@@ -15,7 +15,6 @@ cross-entropy loss the curvature shrinks as the loss goes to 0.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Sequence
 
 import jax
@@ -24,7 +23,13 @@ import numpy as np
 import optax
 
 import sam_optax
-from benchmarks import common
+from benchmarks.harness import data as data_lib
+from benchmarks.harness import experiment
+from benchmarks.harness import methods as methods_lib
+from benchmarks.harness import models
+from benchmarks.harness import report
+from benchmarks.harness import training
+from benchmarks.harness.experiment import Experiment
 
 NAME = "e3_hessian"
 
@@ -52,27 +57,28 @@ def hessian_top_eigenvalue(loss_fn, params, *, num_iters: int, key):
 
 
 def run(cfg: Config = Config(), progress=None) -> list[dict]:
-  data = common.stack([common.noisy_digits(0.0, s) for s in cfg.seeds])
+  data = data_lib.stack([data_lib.noisy_digits(0.0, s) for s in cfg.seeds])
   sizes = (data.x_train.shape[-1], cfg.hidden, cfg.hidden, 10)
+  apply = models.mlp(sizes).apply
   x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
   xt, yt = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
 
   @jax.jit
   @jax.vmap
   def measure(params, x, y, xt, yt, key):
-    loss_fn = lambda p: common.cross_entropy(p, x, y)
+    loss_fn = lambda p: models.cross_entropy(apply)(p, (x, y))
     lam = hessian_top_eigenvalue(loss_fn, params, num_iters=cfg.num_iters, key=key)
-    return lam, loss_fn(params), common.accuracy(params, xt, yt)
+    return lam, loss_fn(params), models.accuracy(apply)(params, (xt, yt))
 
   records = []
   keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(cfg.seeds) + 1000)
   for method in cfg.methods:
     if progress is not None:
       progress.set_postfix(method=method)
-    tx = common.methods([method])[method](optax.sgd(cfg.lr, momentum=0.9), cfg.rho)
-    out = common.train_runs(tx, data, list(cfg.seeds), sizes=sizes, epochs=cfg.max_epochs,
-                            batch_size=cfg.batch_size, stop_at_loss=min(cfg.losses),
-                            snapshot_losses=cfg.losses, progress=progress)
+    tx = methods_lib.build(method, optax.sgd(cfg.lr, momentum=0.9), cfg.rho)
+    out = training.train_runs(tx, data, list(cfg.seeds), sizes=sizes, epochs=cfg.max_epochs,
+                              batch_size=cfg.batch_size, stop_at_loss=min(cfg.losses),
+                              snapshot_losses=cfg.losses, progress=progress)
     for i, target in enumerate(cfg.losses):
       lam, loss, test_acc = measure(out["snapshots"][i], x, y, xt, yt, keys)
       for j, seed in enumerate(cfg.seeds):
@@ -105,7 +111,7 @@ def below_sgd(records, target_loss: float, method: str = "sam") -> tuple[int, in
   return sum(ours[s] < sgd[s] for s in common_seeds), len(common_seeds)
 
 
-def summarize(records) -> str:
+def summarize(records, cfg: Config = None) -> str:
   methods = list(dict.fromkeys(r["method"] for r in records))
   targets = list(dict.fromkeys(r["target_loss"] for r in records))
   rows = []
@@ -113,19 +119,19 @@ def summarize(records) -> str:
     for m in methods:
       rs = _select(records, method=m, target_loss=t)
       reached = sum(r["reached"] for r in rs)
-      rows.append((f"≤ {t:g}", m, common.mean_std([r["train_loss"] for r in rs], ".4f"),
-                   common.mean_std([r["lambda_max"] for r in rs], ".3f"),
+      rows.append((f"≤ {t:g}", m, report.mean_std([r["train_loss"] for r in rs], ".4f"),
+                   report.mean_std([r["lambda_max"] for r in rs], ".3f"),
                    f"{ratio(records, t, m):.2f}" if m != "sgd" else "1",
                    "{}/{}".format(*below_sgd(records, t, m)) if m != "sgd" else "",
-                   common.mean_std([r["test_acc"] for r in rs], ".3f"),
+                   report.mean_std([r["test_acc"] for r in rs], ".3f"),
                    f"{np.mean([r['epoch'] for r in rs]):.0f}", f"{reached}/{len(rs)}"))
-  return common.markdown_table(
+  return report.markdown_table(
       ["train loss target", "method", "train loss at stop", "λ_max (mean ± std)",
        "λ_max / SGD's", "seeds below SGD", "test acc", "epoch", "runs reached"], rows)
 
 
-def plot(records):
-  plt = common.pyplot()
+def plot(records, cfg: Config = None):
+  plt = report.pyplot()
   methods = list(dict.fromkeys(r["method"] for r in records))
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   for i, m in enumerate(methods):
@@ -141,24 +147,11 @@ def plot(records):
   ax.set_ylabel("λ_max of the training-loss Hessian")
   ax.set_title("E3: λ_max at equal training loss (digits MLP)")
   ax.legend()
-  fig.tight_layout()
   return fig
 
 
-def main(argv=None):
-  parser = common.experiment_parser(__doc__)
-  parser.add_argument("--methods", default="", help="comma-separated (default sgd,sam)")
-  args = parser.parse_args(argv)
-  cfg = common.experiment_config(args, Config(), QUICK)
-  if args.methods:
-    cfg = dataclasses.replace(cfg, methods=tuple(args.methods.split(",")))
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  t0 = time.time()
-  with tqdm(total=cfg.max_epochs * len(cfg.methods), desc=NAME, unit="epoch") as bar:
-    records = run(cfg, progress=bar)
-  elapsed = time.time() - t0
-  table = summarize(records)
-  notes = (
+def notes(records, cfg: Config) -> str:
+  return (
       f"Setup: digits, clean labels, MLP {cfg.hidden}x{cfg.hidden}, `optax.sgd({cfg.lr}, "
       f"momentum=0.9)`, batch {cfg.batch_size}, alone or in `sam_optax.sam(..., rho={cfg.rho})`; "
       "each run is stopped at the end of the first epoch whose full-batch training loss is at "
@@ -166,10 +159,15 @@ def main(argv=None):
       f"`sam_optax.diagnostics.hessian_top_eigenvalue` ({cfg.num_iters} Lanczos steps) of the "
       f"full-batch training loss. {len(cfg.seeds)} seeds.\n\n"
       "Reference (one numpy calibration run): λ_max SGD 0.594, SAM 0.236.")
-  common.write_results(NAME, title="E3: top Hessian eigenvalue, SGD vs SAM",
-                       table=table, records=records, figure=plot(records), notes=notes,
-                       elapsed_s=elapsed, out_dir=args.out)
-  return records
+
+
+EXPERIMENT = Experiment(
+    name=NAME, title="E3: top Hessian eigenvalue, SGD vs SAM", doc=__doc__,
+    default=Config(), quick=QUICK, run=run, summarize=summarize, notes=notes, plot=plot,
+    epochs=lambda cfg: cfg.max_epochs * len(cfg.methods))
+
+
+main = experiment.entry_point(EXPERIMENT)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ full-batch GD alone or in :func:`sam_optax.sam`. Reliance on the hard feature:
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Optional, Sequence
 
 import jax
@@ -25,7 +24,10 @@ import numpy as np
 import optax
 
 import sam_optax
-from benchmarks import common
+from benchmarks.harness import experiment
+from benchmarks.harness import methods
+from benchmarks.harness import report
+from benchmarks.harness.experiment import Experiment
 
 NAME = "e4_balance"
 
@@ -91,28 +93,27 @@ def train(rho: Optional[float], activation: str, cfg: Config):
   tx = base if rho is None else sam_optax.sam(
       base, rho=optax.linear_schedule(0.0, rho, cfg.warmup))
 
+  def loss(params, batch):
+    xe, xh, y = batch
+    return 0.5 * jnp.mean((model(params, xe, xh, activation) - y) ** 2)
+
+  step = methods.train_step(tx, loss)
+
   def one_run(xe, xh, y, te, th, ty):
-    loss_fn = lambda p: 0.5 * jnp.mean((model(p, xe, xh, activation) - y) ** 2)
     params = init_params(cfg)
-
-    def step(carry, _):
-      params, state = carry
-      value, grads = jax.value_and_grad(loss_fn)(params)
-      updates, state = tx.update(grads, state, params, loss_fn=loss_fn, value=value)
-      return (optax.apply_updates(params, updates), state), None
-
-    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=cfg.steps)
+    body = lambda carry, _: (step(*carry, (xe, xh, y)), None)
+    (params, _), _ = jax.lax.scan(body, (params, tx.init(params)), None, length=cfg.steps)
     acc = lambda a, b: jnp.mean((jnp.sign(model(params, a, b, activation)) == ty).astype(jnp.float32))
     # Out of distribution: the easy block taken from other examples (reversed
     # order; labels are independent), so only the hard block carries the label.
-    return {"ratio": reliance(params), "train_loss": loss_fn(params),
+    return {"ratio": reliance(params), "train_loss": loss(params, (xe, xh, y)),
             "test_acc": acc(te, th), "shuffled_easy_acc": acc(te[::-1], th)}
 
   out = jax.jit(jax.vmap(one_run))(xe, xh, y, te, th, ty)
   return {k: np.asarray(v) for k, v in out.items()}
 
 
-def run(cfg: Config = Config()) -> list[dict]:
+def run(cfg: Config = Config(), progress=None) -> list[dict]:
   records = []
   for activation in cfg.activations:
     for rho in cfg.rhos:
@@ -131,7 +132,7 @@ def mean_ratio(records, *, activation: str, method: str, rho: float) -> float:
   return float(np.exp(np.mean(np.log(vals))))
 
 
-def summarize(records) -> str:
+def summarize(records, cfg: Config = None) -> str:
   keys = list(dict.fromkeys((r["activation"], r["method"], r["rho"]) for r in records))
   rows = []
   for act, method, rho in keys:
@@ -140,16 +141,16 @@ def summarize(records) -> str:
     rows.append((act, "GD" if method == "gd" else f"SAM ρ={rho:g}",
                  f"{ratios.mean():.3g} ± {ratios.std():.2g}",
                  f"{mean_ratio(records, activation=act, method=method, rho=rho):.3g}",
-                 common.mean_std([r["train_loss"] for r in rs], ".1e"),
-                 common.mean_std([r["test_acc"] for r in rs], ".3f"),
-                 common.mean_std([r["shuffled_easy_acc"] for r in rs], ".3f")))
-  return common.markdown_table(
+                 report.mean_std([r["train_loss"] for r in rs], ".1e"),
+                 report.mean_std([r["test_acc"] for r in rs], ".3f"),
+                 report.mean_std([r["shuffled_easy_acc"] for r in rs], ".3f")))
+  return report.markdown_table(
       ["units", "method", "hard/easy reliance |v_h|‖w_h‖ / |v_e|‖w_e‖", "geometric mean",
        "train loss", "test acc", "test acc, easy block shuffled"], rows)
 
 
-def plot(records):
-  plt = common.pyplot()
+def plot(records, cfg: Config = None):
+  plt = report.pyplot()
   acts = list(dict.fromkeys(r["activation"] for r in records))
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   for i, act in enumerate(acts):
@@ -165,19 +166,11 @@ def plot(records):
   ax.set_ylabel("hard/easy reliance")
   ax.set_title("E4: reliance on the hard feature")
   ax.legend()
-  fig.tight_layout()
   return fig
 
 
-def main(argv=None):
-  parser = common.experiment_parser(__doc__)
-  args = parser.parse_args(argv)
-  cfg = common.experiment_config(args, Config(), QUICK)
-  t0 = time.time()
-  records = run(cfg)
-  elapsed = time.time() - t0
-  table = summarize(records)
-  notes = (
+def notes(records, cfg: Config) -> str:
+  return (
       f"Setup: n = {cfg.n} examples, y = ±1; easy block a_e = {cfg.easy_margin}, hard block "
       f"a_h = {cfg.hard_margin}, each {cfg.d}-dimensional (x_B = a_B y 1/√{cfg.d} + "
       f"{cfg.noise} ξ); both units start at ‖w‖ = |v| = {cfg.init}; squared loss; "
@@ -191,10 +184,14 @@ def main(argv=None):
       "on the small-margin (hard) block; with saturating tanh units it can instead flatten "
       "the loss by saturating the easy unit, and relies less on the hard block than GD does: "
       "the balancing effect depends on the architecture.")
-  common.write_results(NAME, title="E4: balanced feature learning, GD vs SAM",
-                       table=table, records=records, figure=plot(records), notes=notes,
-                       elapsed_s=elapsed, out_dir=args.out)
-  return records
+
+
+EXPERIMENT = Experiment(
+    name=NAME, title="E4: balanced feature learning, GD vs SAM", doc=__doc__,
+    default=Config(), quick=QUICK, run=run, summarize=summarize, notes=notes, plot=plot)
+
+
+main = experiment.entry_point(EXPERIMENT)
 
 
 if __name__ == "__main__":
