@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 
 from sam_optax._src import checks
+from sam_optax._src.diagnostics import checks as diag_checks
 from sam_optax._src import numerics
 
 PREFIX = "sam_optax.diagnostics."
@@ -19,7 +20,7 @@ def prepare(name: str, loss_fn, params, has_aux: bool):
   """``(scalar loss, f32 params)``: the loss checked, its aux dropped."""
   checks.check_float_params(name, params)
   if not jax.tree.leaves(params):
-    raise ValueError(checks.NO_PARAMS.format(name=name))
+    raise ValueError(diag_checks.NO_PARAMS.format(name=name))
   checked = checks.checked_loss(loss_fn, has_aux, name)
   return (lambda *args: checked(*args)[0]), to_f32(params)
 

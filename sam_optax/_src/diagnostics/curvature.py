@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from sam_optax._src import checks
+from sam_optax._src.diagnostics import checks as diag_checks
 from sam_optax._src.diagnostics import common
 from sam_optax._src.diagnostics import krylov
 
@@ -129,9 +130,9 @@ def hessian_top_eigenvalue(
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
   """
   name = common.PREFIX + "hessian_top_eigenvalue"
-  num_iters = checks.check_positive_int(
+  num_iters = diag_checks.check_positive_int(
       name, "num_iters", num_iters, "is the number of Hessian-vector products", 20)
-  checks.check_choice(checks.BAD_HESSIAN_METHOD, method, METHODS,
+  checks.check_choice(diag_checks.BAD_HESSIAN_METHOD, method, METHODS,
                      name=name, method=method)
   f, params = common.prepare(name, loss_fn, params, has_aux)
   key = krylov.as_key(key)
@@ -203,15 +204,15 @@ def hessian_top_eigenvalues(
     ICML 2019.
   """
   name = common.PREFIX + "hessian_top_eigenvalues"
-  k = checks.check_positive_int(name, "k", k, "is the number of eigenvalues", 5)
+  k = diag_checks.check_positive_int(name, "k", k, "is the number of eigenvalues", 5)
   f, params = common.prepare(name, loss_fn, params, has_aux)
   dim = krylov.num_params(params)
   if num_iters is None:
     num_iters = min(max(20, 2 * k), dim)
-  num_iters = checks.check_positive_int(
+  num_iters = diag_checks.check_positive_int(
       name, "num_iters", num_iters, "is the number of Lanczos steps", 20)
   if k > min(num_iters, dim):
-    raise ValueError(checks.BAD_EIGENVALUE_COUNT.format(
+    raise ValueError(diag_checks.BAD_EIGENVALUE_COUNT.format(
         name=name, k=k, num_iters=num_iters, dim=dim, k_ex=min(k, dim),
         it_ex=min(max(20, 2 * k), dim)))
   key = krylov.as_key(key)
@@ -278,7 +279,7 @@ def hessian_trace(
     <https://arxiv.org/abs/1912.07145>`_, 2020.
   """
   name = common.PREFIX + "hessian_trace"
-  num_samples = checks.check_positive_int(
+  num_samples = diag_checks.check_positive_int(
       name, "num_samples", num_samples, "is the number of random probes", 100)
   f, params = common.prepare(name, loss_fn, params, has_aux)
   key = krylov.as_key(key)

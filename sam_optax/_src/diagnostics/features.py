@@ -12,27 +12,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_optax._src import checks
 from sam_optax._src import numerics
+from sam_optax._src.diagnostics import checks as diag_checks
 from sam_optax._src.diagnostics import common
 
 
 def _labels_1d(name, labels, n):
   labels = jnp.asarray(labels)
   if labels.ndim != 1 or labels.shape[0] != n or not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(checks.BAD_LABELS.format(name=name, shape=labels.shape,
+    raise ValueError(diag_checks.BAD_LABELS.format(name=name, shape=labels.shape,
                                        dtype=labels.dtype, n=n))
   return labels
 
 
 def _num_classes(name, num_classes, *label_arrays):
   if num_classes is not None:
-    return checks.check_positive_int(name, "num_classes", num_classes,
+    return diag_checks.check_positive_int(name, "num_classes", num_classes,
                                      "is the number of classes", 2)
   try:
     return max(int(np.max(np.asarray(y))) for y in label_arrays) + 1
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-    raise ValueError(checks.NUM_CLASSES_NEEDED.format(name=name)) from None
+    raise ValueError(diag_checks.NUM_CLASSES_NEEDED.format(name=name)) from None
 
 
 def linear_probe_accuracy(
@@ -94,18 +94,18 @@ def linear_probe_accuracy(
   x = numerics.f32(jnp.reshape(x, (n, -1)))
   y = _labels_1d(name, labels, n)
   if (test_features is None) != (test_labels is None):
-    raise ValueError(checks.TEST_SET_HALF.format(name=name))
+    raise ValueError(diag_checks.TEST_SET_HALF.format(name=name))
   if test_features is None:
     xt, yt = x, y
   else:
     xt = jnp.asarray(test_features)
     xt = jnp.reshape(xt, (xt.shape[0], -1)).astype(x.dtype)
     if xt.shape[1] != x.shape[1]:
-      raise ValueError(checks.TEST_FEATURES_WIDTH.format(
+      raise ValueError(diag_checks.TEST_FEATURES_WIDTH.format(
           name=name, d_test=xt.shape[1], d=x.shape[1]))
     yt = _labels_1d(name, test_labels, xt.shape[0])
-  if checks.not_finite_positive(l2):
-    raise ValueError(checks.BAD_L2.format(name=name, l2=l2))
+  if diag_checks.not_finite_positive(l2):
+    raise ValueError(diag_checks.BAD_L2.format(name=name, l2=l2))
   c = _num_classes(name, num_classes, y, yt)
   return jax.jit(lambda *args: _ridge_probe(*args, c))(x, y, xt, yt, l2)
 
@@ -195,17 +195,17 @@ def feature_reliance(
   """
   name = common.PREFIX + "feature_reliance"
   if not (isinstance(train_fraction, numbers.Real) and 0 < train_fraction < 1):
-    raise ValueError(checks.BAD_TRAIN_FRACTION.format(
+    raise ValueError(diag_checks.BAD_TRAIN_FRACTION.format(
         name=name, train_fraction=train_fraction))
   if not isinstance(probes, Mapping) or not probes:
-    raise ValueError(checks.BAD_PROBES.format(name=name))
+    raise ValueError(diag_checks.BAD_PROBES.format(name=name))
   out = {}
   for key, (inputs, labels) in probes.items():
     feats = representation_fn(params, inputs)
     n = jnp.shape(feats)[0]
     n_train = int(round(train_fraction * n))
     if not 0 < n_train < n:
-      raise ValueError(checks.PROBE_SET_TOO_SMALL.format(
+      raise ValueError(diag_checks.PROBE_SET_TOO_SMALL.format(
           name=name, key=key, n=n, train_fraction=train_fraction))
     labels = jnp.asarray(labels)
     out[key] = linear_probe_accuracy(
@@ -262,7 +262,7 @@ def block_contributions(kernel, head, blocks: Mapping[str, Indices]) -> dict[str
   kernel = jnp.asarray(kernel)
   head = jnp.asarray(head)
   if kernel.ndim != 2 or head.ndim not in (1, 2) or head.shape[0] != kernel.shape[1]:
-    raise ValueError(checks.BAD_TWO_LAYER_SHAPES.format(
+    raise ValueError(diag_checks.BAD_TWO_LAYER_SHAPES.format(
         name=name, kernel=kernel.shape, head=head.shape))
   kernel, head = numerics.f32(kernel), numerics.f32(head)
   head_norms = jnp.abs(head) if head.ndim == 1 else jnp.linalg.norm(head, axis=1)
@@ -272,7 +272,7 @@ def block_contributions(kernel, head, blocks: Mapping[str, Indices]) -> dict[str
       idx = np.asarray(idx)
       if idx.dtype == bool:
         if idx.shape != (kernel.shape[0],):
-          raise ValueError(checks.BAD_BLOCK_MASK.format(
+          raise ValueError(diag_checks.BAD_BLOCK_MASK.format(
               name=name, key=key, shape=idx.shape, d_in=kernel.shape[0]))
         idx = np.flatnonzero(idx)
     rows = kernel[idx]

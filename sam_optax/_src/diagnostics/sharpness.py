@@ -7,9 +7,9 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from sam_optax._src import checks
-from sam_optax._src import distributed
+from sam_optax._src import groups
 from sam_optax._src import numerics
+from sam_optax._src.diagnostics import checks as diag_checks
 from sam_optax._src.diagnostics import common
 
 
@@ -93,16 +93,16 @@ def m_sharpness(
     Minimization <https://arxiv.org/abs/2206.06232>`_, ICML 2022.
   """
   name = common.PREFIX + "m_sharpness"
-  checks.check_radius(name, rho)
+  diag_checks.check_radius(name, rho)
   if step_size is not None and (isinstance(step_size, bool)
-                                or checks.not_finite_positive(step_size)):
-    raise ValueError(checks.BAD_STEP_SIZE.format(name=name, step_size=step_size))
-  ascent_steps = checks.check_positive_int(
+                                or diag_checks.not_finite_positive(step_size)):
+    raise ValueError(diag_checks.BAD_STEP_SIZE.format(name=name, step_size=step_size))
+  ascent_steps = diag_checks.check_positive_int(
       name, "ascent_steps", ascent_steps, "is the number of ascent steps per group", 1)
-  m = checks.check_group_size(name, m)
+  m = diag_checks.check_group_size(name, m)
   f, params = common.prepare(name, loss_fn, params, has_aux)
-  b = checks.whole_batch_size(name, batch, m)
-  chunks = distributed.split_batch(name, batch, b if m is None else m)
+  b = diag_checks.whole_batch_size(name, batch, m)
+  chunks = groups.split_batch(name, batch, b if m is None else m)
   rho = jnp.asarray(rho, jnp.float32)
   eta = rho if step_size is None else jnp.asarray(step_size, jnp.float32)
   return jax.jit(lambda *args: _m_sharpness(f, *args, ascent_steps))(
