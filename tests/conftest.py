@@ -4,6 +4,10 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_x64", False)
+# No implicit dtype promotion: a mixed-dtype operation in the library or a test
+# is an error (as in equinox and optimistix). Where optax itself promotes, the
+# test scopes `jax.numpy_dtype_promotion("standard")` around that call.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 import os  # noqa: E402
 

@@ -17,10 +17,9 @@ from flax import linen as nn
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from sklearn.datasets import load_digits
-
 import sam_optax
 from sam_optax import flax as sam_flax
+from tests import flax_helpers
 
 LR = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 20)
 RHO = optax.linear_schedule(0.01, 0.1, 20)  # driven by the SAM state's count
@@ -28,8 +27,8 @@ DROPOUT_KEY = jax.random.key(42)
 
 
 def _data():
-  x, y = load_digits(return_X_y=True)
-  x = (x[:320] / 16.0).astype(np.float32)
+  x, y = flax_helpers.digits()
+  x, y = x[:320], y[:320]
   return [(jnp.asarray(x[i:i + 32]), jnp.asarray(y[i:i + 32]))
           for i in range(0, 320, 32)]
 
@@ -66,17 +65,8 @@ def _save_and_restore(path, state, like):
 # --- Linen: BatchNorm + dropout, SAM around AdamW with schedules. -------------
 
 
-class MLP(nn.Module):
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    x = nn.Dense(32)(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-    x = nn.Dropout(0.2, deterministic=not train)(nn.relu(x))
-    return nn.Dense(10)(x)
-
-
-MODEL = MLP()
+# Dense → BatchNorm → ReLU → Dropout → Dense.
+MODEL = flax_helpers.LinenNet(conv=False, dropout=0.2)
 TX = sam_optax.sam(optax.adamw(LR, weight_decay=1e-4), rho=RHO, has_aux=True)
 
 
@@ -91,23 +81,13 @@ def _linen_state(seed):
 @jax.jit
 def _linen_step(state, x, y):
   key = jax.random.fold_in(DROPOUT_KEY, state.step)
-
-  def loss_fn(params):
-    logits, updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, x, train=True,
-        mutable=["batch_stats"], rngs={"dropout": key})
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, updates
-
-  (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  return state.apply_gradients(grads=grads, loss_fn=loss_fn, value=loss,
-                               batch_stats=updates["batch_stats"])
+  return flax_helpers.linen_sam_step(state, x, y, key)[0]
 
 
 def _train(state, start, stop, step_fn=_linen_step):
-  for i in range(start, stop):
-    state = step_fn(state, *_batch(i))
+  with jax.numpy_dtype_promotion("standard"):  # optax's Adam(W): decay ** int count
+    for i in range(start, stop):
+      state = step_fn(state, *_batch(i))
   return state
 
 
@@ -238,8 +218,9 @@ def _nnx_setup(seed):
 
 
 def _nnx_train(model, optimizer, start, stop):
-  for i in range(start, stop):
-    _nnx_step(model, optimizer, *_batch(i))
+  with jax.numpy_dtype_promotion("standard"):  # optax's AdamW: decay ** int count
+    for i in range(start, stop):
+      _nnx_step(model, optimizer, *_batch(i))
 
 
 def _nnx_checkpoint(model, optimizer):

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sam_optax
+from sam_optax._src.registry import METHODS
 from tests import helpers
 
 RHO, LR, MOMENTUM = 0.05, 0.1, 0.9
@@ -23,8 +24,7 @@ N_DEV = 8
 
 
 def _mesh(n=N_DEV, name="d"):
-  return jax.make_mesh((n,), (name,), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:n])
+  return helpers.mesh(n, name)
 
 
 def _data(n=64, seed=1):
@@ -67,17 +67,7 @@ def _sam(**kw):
 
 def _shard_map_step(tx, mesh, axis="d", *, per_device=True):
   """A jitted SAM step under shard_map; params and state replicated (P())."""
-
-  def step(params, state, batch):
-    loss_fn = lambda p: helpers.mlp_loss(p, batch)
-    w = sam_optax.per_device(params, axis) if per_device else params
-    value, grads = jax.value_and_grad(loss_fn)(w)
-    updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
-                               value=value)
-    return optax.apply_updates(params, updates), state
-
-  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(axis)),
-                               out_specs=(P(), P())))
+  return helpers.shard_map_step(tx, mesh, axis, per_device=per_device)
 
 
 def _pmap_step(tx, axis="d"):
@@ -156,15 +146,7 @@ def test_shard_map_with_check_vma_off_needs_no_per_device():
   x, y = _data()
   mesh = _mesh()
   tx = _sam(axis_name="d")
-
-  def step(params, state, batch):
-    loss_fn = lambda p: helpers.mlp_loss(p, batch)
-    grads = jax.grad(loss_fn)(params)
-    updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
-    return optax.apply_updates(params, updates), state
-
-  f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("d")),
-                            out_specs=(P(), P()), check_vma=False))
+  f = helpers.shard_map_step(tx, mesh, per_device=False, value=False, check_vma=False)
   batch = jax.device_put((x, y), NamedSharding(mesh, P("d")))
   p, _ = f(params, tx.init(params), batch)
   want = np_group_sam_sgd_trajectory(params, _groups(x, y, 8), rho=RHO, lr=LR,
@@ -382,13 +364,9 @@ def test_m_equal_to_batch_is_plain_sam():
   ref = helpers.np_sam_sgd_trajectory(params, x, y, rho=RHO, lr=LR,
                                       momentum=MOMENTUM, steps=5)
   plain = _sam()
-  q, t = params, plain.init(params)
   loss_fn = lambda w: helpers.mlp_loss(w, (x, y))
-
-  @jax.jit
-  def plain_step(q, t):
-    u, t = plain.update(jax.grad(loss_fn)(q), t, q, loss_fn=loss_fn)
-    return optax.apply_updates(q, u), t
+  _, t, plain_step = helpers.train_steps(plain, params, loss_fn, 0, value=False)
+  q = params
 
   for want in ref:
     p, s = step(p, s, (x, y))
@@ -447,15 +425,7 @@ def test_four_devices_times_in_device_m_without_group_grads():
   x, y = _data(32)
   mesh = _mesh(4)
   tx = _sam(axis_name="d", m=2)
-
-  def step(params, state, batch):
-    grads = jax.grad(helpers.mlp_loss)(sam_optax.per_device(params, "d"), batch)
-    updates, state = tx.update(grads, state, params, loss_fn=helpers.mlp_loss,
-                               batch=batch)
-    return optax.apply_updates(params, updates), state
-
-  f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("d")),
-                            out_specs=(P(), P())))
+  f = helpers.shard_map_step(tx, mesh, value=False, batch_arg=True)
   p, _ = f(params, tx.init(params), jax.device_put((x, y), NamedSharding(mesh, P("d"))))
   want = np_group_sam_sgd_trajectory(params, _groups(x, y, 2), rho=RHO, lr=LR,
                                      momentum=MOMENTUM, steps=1)[0]
@@ -548,7 +518,10 @@ def test_scan_loop_keeps_bf16_dtypes():
   outs = {}
   for loop in ("vmap", "scan"):
     tx = _sam(m=4, group_loop=loop)
-    p, s = _m_step(tx, 4, group_loop=loop)(params, tx.init(params), batch)
+    # TODO(strict): library promotion at sam_optax/_src/numerics.py:19 (f32:
+    # jnp.promote_types(bf16, f32)).
+    with jax.numpy_dtype_promotion("standard"):
+      p, s = _m_step(tx, 4, group_loop=loop)(params, tx.init(params), batch)
     assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(p))
     outs[loop] = p
   # Accumulation order differs; bf16 rounding allows one ulp-ish difference.
@@ -556,7 +529,8 @@ def test_scan_loop_keeps_bf16_dtypes():
     np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=2e-2, atol=2e-3)
 
 
-@pytest.mark.parametrize("factory", ["sam", "asam", "group_value_and_grad"])
+@pytest.mark.parametrize("factory", [m.name for m in METHODS if m.takes_m]
+                         + ["group_value_and_grad"])
 def test_unknown_group_loop_is_a_clear_error(factory):
   with pytest.raises(ValueError, match=r"group_loop='pmap'\)`: unknown way to run "
                      r"over the groups.*'vmap'.*'scan'.*'unroll'"):
@@ -618,41 +592,35 @@ def test_two_mesh_axes_as_one_tuple_axis_name():
   mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   axes = ("a", "b")
   tx = _sam(axis_name=axes)
-
-  def step(params, state, batch):
-    loss_fn = lambda p: helpers.mlp_loss(p, batch)
-    grads = jax.grad(loss_fn)(sam_optax.per_device(params, axes))
-    updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
-    return optax.apply_updates(params, updates), state
-
-  f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(axes)),
-                            out_specs=(P(), P())))
+  f = helpers.shard_map_step(tx, mesh, axes, value=False)
   p, _ = f(params, tx.init(params), jax.device_put((x, y), NamedSharding(mesh, P(axes))))
   want = np_group_sam_sgd_trajectory(params, _groups(x, y, 8), rho=RHO, lr=LR,
                                      momentum=MOMENTUM, steps=1)[0]
   helpers.assert_trees_close(p, want)
 
 
-# Variants that take `axis_name`, with the all-reduce ops their compiled step
-# holds (rules with a skipped second pass hold one in each `lax.cond` branch;
-# one of them runs per step).
-_VARIANTS = {"asam": 1, "fisher_sam": 1, "gsam": 1, "gnp": 1, "vasso": 1,
-             "friendly_sam": 1, "looksam": 2, "interval_sam": 2}
+# The all-reduce ops in the compiled step of each method that takes
+# `axis_name` (rules with a skipped second pass hold one in each `lax.cond`
+# branch; one of them runs per step).
+ALL_REDUCES = {"sam": 1, "asam": 1, "fisher_sam": 1, "gsam": 1, "gnp": 1, "vasso": 1,
+               "friendly_sam": 1, "looksam": 2, "interval_sam": 2}
+
+AXIS_METHODS = [m for m in METHODS if m.takes_axis_name]
+_FAST = ("looksam", "vasso")  # a skipped pass; state updated in ascent
 
 
-_FAST_VARIANTS = ("looksam", "vasso")  # a skipped pass; state updated in ascent
+def test_all_reduce_table_covers_every_method_with_axis_name():
+  assert set(ALL_REDUCES) == {m.name for m in AXIS_METHODS}
 
 
-@pytest.mark.parametrize("name", [
-    n if n in _FAST_VARIANTS else pytest.param(n, marks=pytest.mark.slow)
-    for n in sorted(_VARIANTS)])
-def test_variants_under_shard_map_stay_replicated(name):
-  if not hasattr(sam_optax, name):
-    pytest.skip(f"sam_optax.{name} not available")
+@pytest.mark.parametrize("method", [
+    m if m.name in _FAST else pytest.param(m, marks=pytest.mark.slow)
+    for m in AXIS_METHODS], ids=lambda m: m.name)
+def test_variants_under_shard_map_stay_replicated(method):
   params = helpers.mlp_params()
   x, y = _data()
   mesh = _mesh()
-  tx = getattr(sam_optax, name)(optax.sgd(LR, momentum=MOMENTUM), axis_name="d")
+  tx = method.wrapper(optax.sgd(LR, momentum=MOMENTUM), axis_name="d")
   batch = jax.device_put((x, y), NamedSharding(mesh, P("d")))
   p, s = params, tx.init(params)
   # out_specs=P(): the outputs must be replicated, or this does not compile.
@@ -661,7 +629,7 @@ def test_variants_under_shard_map_stay_replicated(name):
     p, s = step(p, s, batch)
   assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(p))
   ops = _all_reduces(step.as_text())
-  assert len(ops) == _VARIANTS[name], ops
+  assert len(ops) == ALL_REDUCES[method.name], ops
 
 
 def _flops(step, *args):

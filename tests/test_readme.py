@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import jax
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -22,8 +24,11 @@ def test_python_blocks_run():
   blocks = _blocks()
   assert len(blocks) >= 2
   namespace = {}
-  for code in blocks:  # later blocks may use names defined by earlier ones
-    exec(compile(code, str(README), "exec"), namespace)  # pylint: disable=exec-used
+  # The README's optax schedules (via rho_from_learning_rate) multiply a
+  # float by the int step count: optax needs standard promotion.
+  with jax.numpy_dtype_promotion("standard"):
+    for code in blocks:  # later blocks may use names defined by earlier ones
+      exec(compile(code, str(README), "exec"), namespace)  # pylint: disable=exec-used
 
 
 def test_ci_runs_the_readme_test_command():

@@ -1,13 +1,16 @@
-"""The SAM family: each variant against a pure-numpy reference of its equations.
+"""The SAM family: each method against a pure-numpy reference of its equations.
 
-ASAM, Fisher-SAM, GSAM, GNP, LookSAM, interval SAM, VaSSO, F-SAM and MSAM run
-a few SGD-momentum steps on a small MLP and are compared with float64 numpy
-written from the papers' equations (atol 1e-6). Then: zero gradients, chains,
-`inject_hyperparams`, bad input, `axis_name` under shard_map, scoped
+Every method of the library's list (`sam_optax._src.registry.METHODS`: SAM,
+ASAM, Fisher-SAM, GSAM, GNP, LookSAM, interval SAM, VaSSO, F-SAM, MSAM) runs a
+few SGD-momentum steps on a small MLP and is compared with float64 numpy
+written from the papers' equations (atol 1e-6); a test fails if a method has
+no reference. Then, over the list: zero gradients, chains,
+`inject_hyperparams`, bad input; and `axis_name` under shard_map, scoped
 perturbations (SAM-ON masks, per-leaf ρ).
 """
 
 import math
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sam_optax
+from sam_optax._src.registry import BY_NAME, METHODS
 from tests import helpers
 
 LR, MOMENTUM, STEPS = 0.1, 0.9, 5
@@ -47,6 +51,13 @@ def t_add(a, b, s=1.0):
 
 
 # --- the methods, written from the papers ----------------------------------------
+
+
+def np_sam(rho):
+  def method(t, g, w, state, grad_at):
+    del t
+    return grad_at(t_add(w, t_map(lambda v: rho * v, t_unit(g)))), state
+  return method
 
 
 def np_asam(rho, eta, operator="official"):
@@ -155,63 +166,78 @@ def np_trajectory(params, batch, method, *, lr=LR, momentum=MOMENTUM, steps=STEP
   return out
 
 
-def run(tx, params, loss_fn, steps=STEPS, *, jit=True, **kw):
-  """`steps` steps of `tx`; jitted (one compilation) unless `jit=False`."""
-  state = tx.init(params)
-
-  def step(params, state):
-    value, grads = jax.value_and_grad(loss_fn)(params)
-    updates, state = tx.update(grads, state, params, loss_fn=loss_fn, value=value, **kw)
-    return optax.apply_updates(params, updates), state
-
-  if jit:
-    step = jax.jit(step)
-  traj = []
-  for _ in range(steps):
-    params, state = step(params, state)
-    traj.append(params)
-  return traj, state, step
-
-
-def _problem():
-  params = helpers.mlp_params()
-  batch = helpers.mlp_batch()
-  return params, batch, (lambda p: helpers.mlp_loss(p, batch))
-
-
 def _sgd():
   return optax.sgd(LR, momentum=MOMENTUM)
 
 
-# name -> (sam_optax wrapper factory (base -> tx), numpy method)
+def _sgd_on(np_method):
+  """The numpy trajectory of SGD on `np_method`'s direction."""
+  return lambda params, batch, steps: np_trajectory(params, batch, np_method, steps=steps)
+
+
+def _msam_held_params(params, batch, steps):
+  """MSAM's trajectory: the (perturbed) params its reference code holds."""
+  return [held for held, _ in np_msam_reference(
+      params, batch, rho=0.3, lr=LR, momentum=MOMENTUM, steps=steps)]
+
+
+class Reference(NamedTuple):
+  """A configuration of a method and its numpy trajectory.
+
+  Attributes:
+    method: the method's name in the registry.
+    kwargs: the wrapper's arguments besides the base optimizer.
+    numpy: `(params, batch, steps) -> [params after each step]`, float64.
+    steps: how many steps to compare.
+  """
+
+  method: str
+  kwargs: Mapping[str, Any]
+  numpy: Callable
+  steps: int = STEPS
+
+
+# Every method of the registry at least once (checked below), some in more
+# configurations.
 REFERENCES = {
-    "asam": (lambda b: sam_optax.asam(b, rho=0.5, eta=0.01), np_asam(0.5, 0.01)),
-    "asam_all": (lambda b: sam_optax.asam(b, rho=0.3, eta=0.1, operator="all"),
-                 np_asam(0.3, 0.1, "all")),
-    "asam_abs": (lambda b: sam_optax.asam(b, rho=0.3, operator="abs"),
-                 np_asam(0.3, 0.0, "abs")),
-    "fisher_sam": (lambda b: sam_optax.fisher_sam(b, rho=0.1, eta=1.0), np_fisher(0.1, 1.0)),
-    "gsam": (lambda b: sam_optax.gsam(b, rho=0.1, alpha=0.3), np_gsam(0.1, 0.3)),
-    "gnp": (lambda b: sam_optax.gnp(b, rho=0.1, alpha=0.8), np_gnp(0.1, 0.8)),
-    "looksam": (lambda b: sam_optax.looksam(b, rho=0.1, k=3, alpha=0.7),
-                np_looksam(0.1, 3, 0.7)),
-    "interval_sam": (lambda b: sam_optax.interval_sam(b, rho=0.1, k=2), np_interval(0.1, 2)),
-    "vasso": (lambda b: sam_optax.vasso(b, rho=0.1, theta=0.4), np_vasso(0.1, 0.4)),
-    "friendly_sam": (lambda b: sam_optax.friendly_sam(b, rho=0.1, sigma=1.0, decay=0.6),
-                     np_friendly_reference_code(0.1, 0.6)),
-    "friendly_sam_sigma": (
-        lambda b: sam_optax.friendly_sam(b, rho=0.1, sigma=0.5, decay=0.6),
-        np_friendly_paper(0.1, 0.5, 0.6)),
+    "sam": Reference("sam", dict(rho=0.1), _sgd_on(np_sam(0.1))),
+    "asam": Reference("asam", dict(rho=0.5, eta=0.01), _sgd_on(np_asam(0.5, 0.01))),
+    "asam_all": Reference("asam", dict(rho=0.3, eta=0.1, operator="all"),
+                          _sgd_on(np_asam(0.3, 0.1, "all"))),
+    "asam_abs": Reference("asam", dict(rho=0.3, operator="abs"),
+                          _sgd_on(np_asam(0.3, 0.0, "abs"))),
+    "fisher_sam": Reference("fisher_sam", dict(rho=0.1, eta=1.0), _sgd_on(np_fisher(0.1, 1.0))),
+    "gsam": Reference("gsam", dict(rho=0.1, alpha=0.3), _sgd_on(np_gsam(0.1, 0.3))),
+    "gnp": Reference("gnp", dict(rho=0.1, alpha=0.8), _sgd_on(np_gnp(0.1, 0.8))),
+    # Seven steps: two SAM steps and their reuse.
+    "looksam": Reference("looksam", dict(rho=0.1, k=3, alpha=0.7),
+                         _sgd_on(np_looksam(0.1, 3, 0.7)), steps=7),
+    "interval_sam": Reference("interval_sam", dict(rho=0.1, k=2), _sgd_on(np_interval(0.1, 2))),
+    "vasso": Reference("vasso", dict(rho=0.1, theta=0.4), _sgd_on(np_vasso(0.1, 0.4))),
+    "friendly_sam": Reference("friendly_sam", dict(rho=0.1, sigma=1.0, decay=0.6),
+                              _sgd_on(np_friendly_reference_code(0.1, 0.6))),
+    "friendly_sam_sigma": Reference("friendly_sam", dict(rho=0.1, sigma=0.5, decay=0.6),
+                                    _sgd_on(np_friendly_paper(0.1, 0.5, 0.6))),
+    "msam": Reference("msam", dict(rho=0.3, momentum=MOMENTUM), _msam_held_params),
 }
+
+
+def test_every_method_has_a_numpy_reference():
+  covered = {ref.method for ref in REFERENCES.values()}
+  assert covered <= set(BY_NAME), sorted(covered - set(BY_NAME))
+  missing = sorted({m.name for m in METHODS} - covered)
+  assert not missing, f"methods without a numpy reference in REFERENCES: {missing}"
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCES))
 def test_matches_numpy_reference(name):
-  make, method = REFERENCES[name]
-  params, batch, loss_fn = _problem()
-  steps = 7 if name == "looksam" else STEPS  # two SAM steps and their reuse
-  traj, _, step = run(make(_sgd()), params, loss_fn, steps)
-  ref = np_trajectory(params, batch, method, steps=steps)
+  reference = REFERENCES[name]
+  params, batch, loss_fn = helpers.mlp_problem()
+  steps = reference.steps
+  tx = BY_NAME[reference.method].wrapper(_sgd(), **reference.kwargs)
+  traj, _, step = helpers.train_steps(tx, params, loss_fn, steps)
+  ref = reference.numpy(params, batch, steps)
+  assert len(ref) == len(traj) == steps
   for got, want in zip(traj, ref):
     helpers.assert_trees_close(got, want, atol=1e-6)
   assert step._cache_size() == 1
@@ -277,19 +303,21 @@ def test_vasso_and_friendly_first_step_is_sam_then_differ():
 # --- The second pass really is skipped --------------------------------------------
 
 
-@pytest.mark.parametrize("make", [
-    lambda: sam_optax.looksam(optax.sgd(LR), rho=0.05, k=3),
-    lambda: sam_optax.interval_sam(optax.sgd(LR), rho=0.05, k=3),
-], ids=["looksam", "interval_sam"])
-def test_second_pass_only_every_k_steps_one_compilation(make):
-  params, batch, loss_fn = _problem()
+# Methods whose second pass runs on some steps only (every k-th).
+SKIPPING = [m for m in METHODS if m.second_pass and m.passes < 2]
+
+
+@pytest.mark.parametrize("method", SKIPPING, ids=lambda m: m.name)
+def test_second_pass_only_every_k_steps_one_compilation(method):
+  params, batch, loss_fn = helpers.mlp_problem()
+  k = method.example["k"]
   calls = []
 
   def counted_loss(p):
     jax.debug.callback(lambda: calls.append(1))
     return helpers.mlp_loss(p, batch)
 
-  tx = make()
+  tx = method.build(optax.sgd(LR), rho=0.05)
   state = tx.init(params)
 
   @jax.jit
@@ -298,130 +326,88 @@ def test_second_pass_only_every_k_steps_one_compilation(make):
     updates, state = tx.update(grads, state, params, loss_fn=counted_loss)
     return optax.apply_updates(params, updates), state
 
-  for _ in range(7):
+  for _ in range(2 * k + 1):
     params, state = step(params, state)
   jax.effects_barrier()
-  assert len(calls) == 3  # steps 0, 3, 6
+  assert len(calls) == 3  # steps 0, k, 2k
   assert step._cache_size() == 1
-  assert np.isfinite(float(sam_optax.get_info(state).perturbed_loss))  # step 6: SAM
-  _, state = step(params, state)  # step 7 skips the second pass
+  assert np.isfinite(float(sam_optax.get_info(state).perturbed_loss))  # step 2k: SAM
+  _, state = step(params, state)  # step 2k + 1 skips the second pass
   assert np.isnan(float(sam_optax.get_info(state).perturbed_loss))
 
 
 # --- Zero gradient: ε = 0, finite updates ---------------------------------------------
 
-BLOCKS = {
-    "asam": lambda rho: sam_optax.adaptive_sharpness_aware(rho),
-    "fisher_sam": lambda rho: sam_optax.fisher_sharpness_aware(rho),
-    "gsam": lambda rho: sam_optax.gap_guided_sharpness_aware(rho, alpha=0.5),
-    "gnp": lambda rho: sam_optax.gradient_norm_penalty(rho),
-    "looksam": lambda rho: sam_optax.look_sharpness_aware(rho, k=2),
-    "interval_sam": lambda rho: sam_optax.interval_sharpness_aware(rho, k=2),
-    "vasso": lambda rho: sam_optax.variance_suppressed_sharpness_aware(rho),
-    "friendly_sam": lambda rho: sam_optax.friendly_sharpness_aware(rho),
-}
-
-WRAPPERS = {
-    "asam": sam_optax.asam, "fisher_sam": sam_optax.fisher_sam,
-    "gsam": lambda b, rho: sam_optax.gsam(b, rho, alpha=0.5), "gnp": sam_optax.gnp,
-    "looksam": lambda b, rho: sam_optax.looksam(b, rho, k=2),
-    "interval_sam": lambda b, rho: sam_optax.interval_sam(b, rho, k=2),
-    "vasso": sam_optax.vasso, "friendly_sam": sam_optax.friendly_sam,
-}
-
-
-@pytest.mark.parametrize("name", sorted(BLOCKS))
-def test_zero_gradient_gives_zero_epsilon(name):
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+def test_zero_gradient_gives_zero_epsilon(method):
   w = {"a": jnp.zeros((2, 3)), "b": jnp.ones((2,))}
   loss_fn = lambda p: jnp.sum(p["a"] ** 2) + 0.0 * jnp.sum(p["b"])
-  tx = BLOCKS[name](0.5)
+  if method.block is not None:
+    tx = method.block(0.5, **method.example)
+  else:  # it wraps the base (MSAM): zero updates, and the params come back
+    tx = method.build(optax.sgd(0.1, momentum=0.9), rho=0.5)
+  kw = {"loss_fn": loss_fn} if method.second_pass else {}
   state = tx.init(w)
   zeros = jax.tree.map(jnp.zeros_like, w)
   for _ in range(2):
-    u, state = tx.update(zeros, state, w, loss_fn=loss_fn)
+    u, state = tx.update(zeros, state, w, **kw)
     for leaf in jax.tree.leaves(u):
       assert np.all(np.isfinite(leaf)) and np.all(leaf == 0)
     info = sam_optax.get_info(state)
     assert float(info.perturbation_norm) == 0.0
-    for leaf in jax.tree.leaves(state.rule_state):
-      assert np.all(np.isfinite(leaf))
-
-
-def test_msam_zero_gradient():
-  w = {"a": jnp.zeros((2, 3)), "b": jnp.ones((2,))}
-  tx = sam_optax.msam(optax.sgd(0.1, momentum=0.9), rho=0.5)
-  state = tx.init(w)
-  for _ in range(2):
-    u, state = tx.update(jax.tree.map(jnp.zeros_like, w), state, w)
-    for leaf in jax.tree.leaves(u):
-      assert np.all(leaf == 0)
-  helpers.assert_trees_close(sam_optax.remove_perturbation(w, state), w, atol=0)
+    if method.block is not None:
+      for leaf in jax.tree.leaves(state.rule_state):
+        assert np.all(np.isfinite(leaf))
+  if method.block is None:
+    helpers.assert_trees_close(sam_optax.remove_perturbation(w, state), w, atol=0)
 
 
 # --- Chains and inject_hyperparams -------------------------------------------------------
 
 
-def test_blocks_in_chain_equal_wrappers():
-  """`chain(block, clip, sgd)` is `wrapper(chain(clip, sgd))`, for every variant."""
-  params, _, loss_fn = _problem()
+@pytest.mark.parametrize("method", [m for m in METHODS if m.block is not None],
+                         ids=lambda m: m.name)
+def test_block_in_chain_equals_wrapper(method):
+  """`chain(block, clip, sgd)` is `wrapper(chain(clip, sgd))`."""
+  params, _, loss_fn = helpers.mlp_problem()
   base = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(LR, momentum=MOMENTUM))
-  pairs = {name: (optax.chain(BLOCKS[name](0.1), base), WRAPPERS[name](base, 0.1))
-           for name in BLOCKS}
+  txs = (optax.chain(method.block(0.1, **method.example), base),
+         method.build(base, rho=0.1))
 
   @jax.jit
   def two_steps(params):
-    out = {}
-    for name, txs in pairs.items():
-      finals = []
-      for tx in txs:
-        p, state = params, tx.init(params)
-        for _ in range(2):
-          u, state = tx.update(jax.grad(loss_fn)(p), state, p, loss_fn=loss_fn)
-          p = optax.apply_updates(p, u)
-        finals.append(p)
-      out[name] = finals
-    return out
+    finals = []
+    for tx in txs:
+      p, state = params, tx.init(params)
+      for _ in range(2):
+        u, state = tx.update(jax.grad(loss_fn)(p), state, p, loss_fn=loss_fn)
+        p = optax.apply_updates(p, u)
+      finals.append(p)
+    return finals
 
-  for name, (a, b) in two_steps(params).items():
-    helpers.assert_trees_close(a, b, atol=0)
+  a, b = two_steps(params)
+  helpers.assert_trees_close(a, b, atol=0)
 
 
-# name -> (wrapper, constructor kwargs, injected values, static_args)
-INJECT = {
-    "asam": (sam_optax.asam, dict(rho=0.5, eta=0.01), dict(rho=0.2, eta=0.3), ()),
-    "fisher_sam": (sam_optax.fisher_sam, dict(rho=0.1, eta=1.0), dict(rho=0.3, eta=0.5), ()),
-    "gsam": (sam_optax.gsam, dict(rho=0.05, alpha=0.1), dict(rho=0.2, alpha=0.6), ()),
-    "gnp": (sam_optax.gnp, dict(rho=0.1, alpha=0.8), dict(rho=0.2, alpha=0.3), ()),
-    "looksam": (sam_optax.looksam, dict(rho=0.05, k=2, alpha=0.7),
-                dict(rho=0.2, alpha=0.2), ("k",)),
-    "interval_sam": (sam_optax.interval_sam, dict(rho=0.05, k=2), dict(rho=0.2), ("k",)),
-    "vasso": (sam_optax.vasso, dict(rho=0.05, theta=0.9), dict(rho=0.2, theta=0.3), ()),
-    "friendly_sam": (sam_optax.friendly_sam, dict(rho=0.05, sigma=1.0, decay=0.95),
-                     dict(rho=0.2, sigma=0.5, decay=0.5), ()),
-    "msam": (sam_optax.msam, dict(rho=0.3, momentum=0.9), dict(rho=0.1, momentum=0.5), ()),
-}
-
-
-@pytest.mark.parametrize("name", sorted(INJECT))
-def test_inject_hyperparams_scalar_knobs(name):
-  factory, kw, new, static = INJECT[name]
-  params, _, loss_fn = _problem()
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+def test_inject_hyperparams_scalar_knobs(method):
+  """Every numeric knob of every method can be injected and changed at run
+  time: the same steps as the wrapper built with the new values, one program."""
+  kw = {**method.defaults(), **method.example}
+  new = {k: v / 2 for k, v in method.defaults().items()}
+  assert "rho" in new and all(new[k] != kw[k] for k in new)
+  static = method.static_args
+  params, _, loss_fn = helpers.mlp_problem()
   base = optax.sgd(LR, momentum=MOMENTUM)
-  tx = optax.inject_hyperparams(factory, static_args=static)(base, **kw)
-  state = tx.init(params)
+  tx = optax.inject_hyperparams(method.wrapper, static_args=static)(base, **kw)
+  _, state, step = helpers.train_steps(tx, params, loss_fn, 0)
   for k, v in new.items():
     state.hyperparams[k] = jnp.asarray(v, jnp.float32)
-
-  @jax.jit
-  def step(params, state):
-    value, grads = jax.value_and_grad(loss_fn)(params)
-    updates, state = tx.update(grads, state, params, loss_fn=loss_fn, value=value)
-    return optax.apply_updates(params, updates), state
 
   p = params
   for _ in range(3):
     p, state = step(p, state)
-  want, _, _ = run(factory(base, **{**kw, **new}), params, loss_fn, 3)
+  want, _, _ = helpers.train_steps(method.wrapper(base, **{**kw, **new}), params, loss_fn, 3)
   helpers.assert_trees_close(p, want[-1], atol=1e-6)
   for k, v in kw.items():  # back to the constructor's values: no recompilation
     if k not in static:
@@ -439,45 +425,70 @@ def test_injected_k_raises_static_arg_error():
 
 SGD = optax.sgd(0.1)
 
+
+class Bad(NamedTuple):
+  """A call that must fail: `make()` raises `error` matching `match`."""
+
+  method: str  # the registry method it builds, or the other public function
+  make: Callable
+  error: type
+  match: str
+
+
+# Bad input, at least one case per method of the registry (checked below).
 BAD = [
-    (lambda: sam_optax.asam(SGD, eta=-0.1), ValueError, r"`sam_optax.asam\(eta=-0.1\)`: eta must be a finite number ≥ 0"),
-    (lambda: sam_optax.asam(SGD, eta=float("nan")), ValueError, r"eta must be a finite number"),
-    (lambda: sam_optax.asam(SGD, operator="davda54"), ValueError, r"unknown normalization operator.*'official'.*'all'.*'abs'"),
-    (lambda: sam_optax.asam(SGD, rho=-1.0), ValueError, r"`sam_optax.asam\(rho=-1.0\)`: ρ must be a finite number ≥ 0"),
-    (lambda: sam_optax.adaptive_sharpness_aware(eta=True), TypeError, r"expected a number, got a bool"),
-    (lambda: sam_optax.fisher_sam(SGD, eta=-1.0), ValueError, r"`sam_optax.fisher_sam\(eta=-1.0\)`"),
-    (lambda: sam_optax.gsam(SGD, alpha=-0.1), ValueError, r"`sam_optax.gsam\(alpha=-0.1\)`: alpha must be a finite number ≥ 0"),
-    (lambda: sam_optax.gsam(SGD, alpha=lambda c: 0.1), TypeError, r"alpha must be a number.*inject_hyperparams\(sam_optax.gsam\)"),
-    (lambda: sam_optax.gnp(SGD, alpha=1.5), ValueError, r"`sam_optax.gnp\(alpha=1.5\)`: alpha must be a finite number in \[0, 1\]"),
-    (lambda: sam_optax.gradient_norm_penalty(alpha=-0.5), ValueError, r"in \[0, 1\]"),
-    (lambda: sam_optax.looksam(SGD, k=0), ValueError, r"`sam_optax.looksam\(k=0\)`: k is the number of steps.*integer ≥ 1"),
-    (lambda: sam_optax.looksam(SGD, k=2.5), ValueError, r"k=2.5"),
-    (lambda: sam_optax.looksam(SGD, k=True), ValueError, r"k=True"),
-    (lambda: sam_optax.looksam(SGD, alpha=-0.7), ValueError, r"alpha must be a finite number ≥ 0"),
-    (lambda: sam_optax.looksam(SGD, k=jnp.asarray(5)), TypeError, r"`k` is structural"),
-    (lambda: sam_optax.interval_sam(SGD, k=-1), ValueError, r"`sam_optax.interval_sam\(k=-1\)`"),
-    (lambda: sam_optax.vasso(SGD, theta=0.0), ValueError, r"`sam_optax.vasso\(theta=0.0\)`: theta must be a finite number in \(0, 1\]"),
-    (lambda: sam_optax.vasso(SGD, theta=1.5), ValueError, r"in \(0, 1\]"),
-    (lambda: sam_optax.friendly_sam(SGD, decay=1.0), ValueError, r"decay must be a finite number in \[0, 1\)"),
-    (lambda: sam_optax.friendly_sam(SGD, sigma=-1.0), ValueError, r"sigma must be a finite number ≥ 0"),
-    (lambda: sam_optax.msam(SGD, momentum=1.0), ValueError, r"`sam_optax.msam\(momentum=1.0\)`.*\[0, 1\)"),
-    (lambda: sam_optax.msam(SGD, rho=-0.3), ValueError, r"ρ must be a finite number ≥ 0"),
-    (lambda: sam_optax.looksam(SGD, m=0), ValueError, r"m is the number of examples per perturbation"),
-    (lambda: sam_optax.asam(SGD, rho_scale={"kernel": -1.0, "bias": 1.0}), ValueError,
+    Bad("sam", lambda: sam_optax.sam(SGD, rho=-1.0), ValueError, r"`sam_optax.sam\(rho=-1.0\)`: ρ must be a finite number ≥ 0"),
+    Bad("asam", lambda: sam_optax.asam(SGD, eta=-0.1), ValueError, r"`sam_optax.asam\(eta=-0.1\)`: eta must be a finite number ≥ 0"),
+    Bad("asam", lambda: sam_optax.asam(SGD, eta=float("nan")), ValueError, r"eta must be a finite number"),
+    Bad("asam", lambda: sam_optax.asam(SGD, operator="davda54"), ValueError, r"unknown normalization operator.*'official'.*'all'.*'abs'"),
+    Bad("asam", lambda: sam_optax.asam(SGD, rho=-1.0), ValueError, r"`sam_optax.asam\(rho=-1.0\)`: ρ must be a finite number ≥ 0"),
+    Bad("asam", lambda: sam_optax.adaptive_sharpness_aware(eta=True), TypeError, r"expected a number, got a bool"),
+    Bad("fisher_sam", lambda: sam_optax.fisher_sam(SGD, eta=-1.0), ValueError, r"`sam_optax.fisher_sam\(eta=-1.0\)`"),
+    Bad("gsam", lambda: sam_optax.gsam(SGD, alpha=-0.1), ValueError, r"`sam_optax.gsam\(alpha=-0.1\)`: alpha must be a finite number ≥ 0"),
+    Bad("gsam", lambda: sam_optax.gsam(SGD, alpha=lambda c: 0.1), TypeError, r"alpha must be a number.*inject_hyperparams\(sam_optax.gsam\)"),
+    Bad("gnp", lambda: sam_optax.gnp(SGD, alpha=1.5), ValueError, r"`sam_optax.gnp\(alpha=1.5\)`: alpha must be a finite number in \[0, 1\]"),
+    Bad("gnp", lambda: sam_optax.gradient_norm_penalty(alpha=-0.5), ValueError, r"in \[0, 1\]"),
+    Bad("looksam", lambda: sam_optax.looksam(SGD, k=0), ValueError, r"`sam_optax.looksam\(k=0\)`: k is the number of steps.*integer ≥ 1"),
+    Bad("looksam", lambda: sam_optax.looksam(SGD, k=2.5), ValueError, r"k=2.5"),
+    Bad("looksam", lambda: sam_optax.looksam(SGD, k=True), ValueError, r"k=True"),
+    Bad("looksam", lambda: sam_optax.looksam(SGD, alpha=-0.7), ValueError, r"alpha must be a finite number ≥ 0"),
+    Bad("looksam", lambda: sam_optax.looksam(SGD, k=jnp.asarray(5)), TypeError, r"`k` is structural"),
+    Bad("interval_sam", lambda: sam_optax.interval_sam(SGD, k=-1), ValueError, r"`sam_optax.interval_sam\(k=-1\)`"),
+    Bad("vasso", lambda: sam_optax.vasso(SGD, theta=0.0), ValueError, r"`sam_optax.vasso\(theta=0.0\)`: theta must be a finite number in \(0, 1\]"),
+    Bad("vasso", lambda: sam_optax.vasso(SGD, theta=1.5), ValueError, r"in \(0, 1\]"),
+    Bad("friendly_sam", lambda: sam_optax.friendly_sam(SGD, decay=1.0), ValueError, r"decay must be a finite number in \[0, 1\)"),
+    Bad("friendly_sam", lambda: sam_optax.friendly_sam(SGD, sigma=-1.0), ValueError, r"sigma must be a finite number ≥ 0"),
+    Bad("msam", lambda: sam_optax.msam(SGD, momentum=1.0), ValueError, r"`sam_optax.msam\(momentum=1.0\)`.*\[0, 1\)"),
+    Bad("msam", lambda: sam_optax.msam(SGD, rho=-0.3), ValueError, r"ρ must be a finite number ≥ 0"),
+    Bad("looksam", lambda: sam_optax.looksam(SGD, m=0), ValueError, r"m is the number of examples per perturbation"),
+    Bad("asam", lambda: sam_optax.asam(SGD, rho_scale={"kernel": -1.0, "bias": 1.0}), ValueError,
      r"`sam_optax.asam\(..., rho_scale=...\)`: leaf \['kernel'\] is -1.0"),
-    (lambda: sam_optax.rho_from_learning_rate(optax.constant_schedule(0.1), 0.6), ValueError,
+    Bad("rho_from_learning_rate", lambda: sam_optax.rho_from_learning_rate(optax.constant_schedule(0.1), 0.6), ValueError,
      r"pass its peak value `lr_max=`"),
-    (lambda: sam_optax.rho_from_learning_rate(0.1, 0.6, lr_max=0.1, lr_min=0.5), ValueError,
+    Bad("rho_from_learning_rate", lambda: sam_optax.rho_from_learning_rate(0.1, 0.6, lr_max=0.1, lr_min=0.5), ValueError,
      r"lr_max must be ≥ lr_min"),
-    (lambda: sam_optax.rho_from_learning_rate(0.1, -0.6), ValueError, r"rho_max must be a finite number ≥ 0"),
+    Bad("rho_from_learning_rate", lambda: sam_optax.rho_from_learning_rate(0.1, -0.6), ValueError, r"rho_max must be a finite number ≥ 0"),
 ]
 
 
-@pytest.mark.parametrize("i", range(len(BAD)))
-def test_bad_input_is_reported_clearly(i):
-  make, err, match = BAD[i]
-  with pytest.raises(err, match=match):
-    make()
+def _bad_ids():
+  seen = {}
+  ids = []
+  for bad in BAD:
+    seen[bad.method] = seen.get(bad.method, -1) + 1
+    ids.append(f"{bad.method}-{seen[bad.method]}")
+  return ids
+
+
+def test_every_method_has_bad_input_cases():
+  missing = sorted({m.name for m in METHODS} - {bad.method for bad in BAD})
+  assert not missing, f"methods without a bad-input case in BAD: {missing}"
+
+
+@pytest.mark.parametrize("bad", BAD, ids=_bad_ids())
+def test_bad_input_is_reported_clearly(bad):
+  with pytest.raises(bad.error, match=bad.match):
+    bad.make()
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -491,9 +502,16 @@ def test_leafwise_tree_mismatch_at_update(kw, match):
     tx.update(jax.grad(quad_loss)(W), tx.init(W), W, loss_fn=quad_loss)
 
 
-def test_vasso_has_no_in_device_groups():
-  with pytest.raises(TypeError, match="m"):
-    sam_optax.vasso(SGD, m=4)  # pylint: disable=unexpected-keyword-arg
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+def test_m_and_axis_name_exactly_where_the_list_says(method):
+  """`takes_m` / `takes_axis_name` of the registry are the wrappers' own."""
+  for arg, value, takes in (("m", 4, method.takes_m),
+                            ("axis_name", "d", method.takes_axis_name)):
+    if takes:
+      method.wrapper(SGD, **{arg: value})
+    else:
+      with pytest.raises(TypeError, match=arg):
+        method.wrapper(SGD, **{arg: value})
 
 
 def test_remove_perturbation_without_msam_state():
@@ -516,7 +534,8 @@ def test_rho_from_learning_rate_follows_and_clamps():
   state = tx.init(W)
   seen = []
   for _ in range(6):
-    u, state = tx.update(jax.grad(quad_loss)(W), state, W, loss_fn=quad_loss)
+    with jax.numpy_dtype_promotion("standard"):  # optax's schedules: float * int count
+      u, state = tx.update(jax.grad(quad_loss)(W), state, W, loss_fn=quad_loss)
     seen.append(float(sam_optax.get_info(state).rho))
   np.testing.assert_allclose(seen, [float(rho(t)) for t in range(6)], rtol=1e-6)
   # Constant learning rate: ρ is rho_max.
@@ -545,9 +564,9 @@ def np_msam_reference(params, batch, *, rho, lr, momentum, steps):
 
 
 def test_msam_matches_reference_code_and_recovers_params():
-  params, batch, loss_fn = _problem()
+  params, batch, loss_fn = helpers.mlp_problem()
   tx = sam_optax.msam(optax.sgd(LR, momentum=MOMENTUM), rho=0.3, momentum=MOMENTUM)
-  traj, state, step = run(tx, params, loss_fn, STEPS)
+  traj, state, step = helpers.train_steps(tx, params, loss_fn, STEPS)
   ref = np_msam_reference(params, batch, rho=0.3, lr=LR, momentum=MOMENTUM, steps=STEPS)
   for got, (want, _) in zip(traj, ref):
     helpers.assert_trees_close(got, want, atol=1e-6)
@@ -558,9 +577,10 @@ def test_msam_matches_reference_code_and_recovers_params():
 
 
 def test_msam_with_adamw_perturbs_along_first_moment():
-  params, _, loss_fn = _problem()
+  params, _, loss_fn = helpers.mlp_problem()
   tx = sam_optax.msam(optax.adamw(1e-2, b1=0.8), rho=0.2, momentum=0.8)
-  traj, state, _ = run(tx, params, loss_fn, 3)
+  with jax.numpy_dtype_promotion("standard"):  # optax's AdamW: decay ** int count
+    traj, state, _ = helpers.train_steps(tx, params, loss_fn, 3)
   eps = jax.tree.map(jnp.subtract, traj[-1], sam_optax.remove_perturbation(traj[-1], state))
   mu = state.base[0].mu  # ScaleByAdamState: the first moment
   norm = optax.tree.norm(mu)
@@ -568,7 +588,7 @@ def test_msam_with_adamw_perturbs_along_first_moment():
 
 
 def test_msam_needs_no_loss_fn_and_one_gradient():
-  params, batch, _ = _problem()
+  params, batch, _ = helpers.mlp_problem()
   calls = []
 
   def loss_fn(p):
@@ -589,17 +609,8 @@ def test_msam_needs_no_loss_fn_and_one_gradient():
 
 
 def _shard_map_run(tx, params, batch, steps, n_dev=4):
-  mesh = jax.make_mesh((n_dev,), ("d",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:n_dev])
-
-  def step(params, state, batch):
-    loss_fn = lambda p: helpers.mlp_loss(p, batch)
-    grads = jax.grad(loss_fn)(sam_optax.per_device(params, "d"))
-    updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
-    return optax.apply_updates(params, updates), state
-
-  step = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("d")),
-                               out_specs=(P(), P())))
+  mesh = helpers.mesh(n_dev)
+  step = helpers.shard_map_step(tx, mesh, value=False)
   batch = jax.device_put(batch, NamedSharding(mesh, P("d")))
   state = tx.init(params)
   for _ in range(steps):
