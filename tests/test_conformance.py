@@ -134,10 +134,7 @@ def test_dtypes_preserved_bf16(name):
   params, _, loss_fn = helpers.mlp_problem(dtype=jnp.bfloat16)
   tx = _make(name, optax.sgd(0.1, momentum=0.9), 0.05)
   state0 = tx.init(params)
-  # TODO(strict): library promotion at sam_optax/_src/numerics.py:19 (f32:
-  # jnp.promote_types(bf16, f32)); msam reaches it from msam.py:71.
-  with jax.numpy_dtype_promotion("standard"):
-    final, state, _ = _steps(tx, params, loss_fn, 3)
+  final, state, _ = _steps(tx, params, loss_fn, 3)
   for leaf in jax.tree.leaves(final):
     assert leaf.dtype == jnp.bfloat16
   jax.tree.map(lambda a, b: np.testing.assert_equal(a.dtype, b.dtype), state0, state)

@@ -176,10 +176,7 @@ def test_has_aux_loss():
 def test_bf16_params_stay_bf16_and_norms_are_f32():
   params, _, loss_fn = helpers.mlp_problem(dtype=jnp.bfloat16)
   tx = sam_optax.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
-  # TODO(strict): library promotion at sam_optax/_src/numerics.py:19 (f32:
-  # jnp.promote_types(bf16, f32)).
-  with jax.numpy_dtype_promotion("standard"):
-    traj, state = _run(tx, params, loss_fn, 2)
+  traj, state = _run(tx, params, loss_fn, 2)
   for leaf in jax.tree.leaves(traj[-1]):
     assert leaf.dtype == jnp.bfloat16
   info = sam_optax.get_info(state)

@@ -78,10 +78,7 @@ def test_top_eigenvalue_on_known_spectra(dtype, method, num_iters):
 
   for name, spectrum in SPECTRA.items():
     h = _quadratic_matrix(spectrum)
-    # TODO(strict): library promotion at sam_optax/_src/diagnostics.py:102
-    # (_to_f32: jnp.promote_types(bf16, f32)); f32 params pass strict.
-    with jax.numpy_dtype_promotion("standard" if dtype == jnp.bfloat16 else "strict"):
-      got = top(jnp.asarray(h, jnp.float32), _params(dtype))
+    got = top(jnp.asarray(h, jnp.float32), _params(dtype))
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(float(got), np.linalg.eigvalsh(h)[-1], rtol=1e-4,
                                err_msg=name)
@@ -147,10 +144,7 @@ def test_top_k_on_diagonal_hessian():
 def test_hessian_vector_product_is_f32_for_bf16_params():
   p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _diag_params())
   v = {"u": jnp.array([[1.0, 2.0], [3.0, 4.0]], jnp.bfloat16), "v": jnp.ones(3, jnp.bfloat16)}
-  # TODO(strict): library promotion at sam_optax/_src/diagnostics.py:102
-  # (_to_f32: jnp.promote_types(bf16, f32)).
-  with jax.numpy_dtype_promotion("standard"):
-    hv = diagnostics.hessian_vector_product(_diag_loss, p16, v)
+  hv = diagnostics.hessian_vector_product(_diag_loss, p16, v)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(hv))
   np.testing.assert_allclose(hv["u"], DIAG["u"] * v["u"].astype(jnp.float32))
   np.testing.assert_allclose(hv["v"], DIAG["v"])

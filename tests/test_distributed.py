@@ -518,10 +518,7 @@ def test_scan_loop_keeps_bf16_dtypes():
   outs = {}
   for loop in ("vmap", "scan"):
     tx = _sam(m=4, group_loop=loop)
-    # TODO(strict): library promotion at sam_optax/_src/numerics.py:19 (f32:
-    # jnp.promote_types(bf16, f32)).
-    with jax.numpy_dtype_promotion("standard"):
-      p, s = _m_step(tx, 4, group_loop=loop)(params, tx.init(params), batch)
+    p, s = _m_step(tx, 4, group_loop=loop)(params, tx.init(params), batch)
     assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(p))
     outs[loop] = p
   # Accumulation order differs; bf16 rounding allows one ulp-ish difference.

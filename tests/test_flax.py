@@ -230,8 +230,7 @@ def test_linen_bf16_params_and_activations_keep_dtypes():
     state, _, grads = flax_helpers.linen_sam_step(state, x, y, key)
     return state, grads
 
-  # TODO(strict): library promotion at sam_optax/_src/numerics.py:19 (f32:
-  # jnp.promote_types(bf16, f32)); optax's Adam promotes too (decay ** int count).
+  # optax's Adam promotes (decay ** int count).
   with jax.numpy_dtype_promotion("standard"):
     for i in range(2):
       state, grads = step(state, jax.random.key(i))
@@ -504,8 +503,7 @@ def test_nnx_bf16_keeps_dtypes():
       model, sam_optax.sam(optax.adam(1e-3), rho=RHO), wrt=nnx.Param)
   dtypes = lambda t: jax.tree.map(lambda a: a.dtype, nnx.as_pure(t))  # noqa: E731
   init_dtypes = dtypes(nnx.state(optimizer))
-  # TODO(strict): library promotion at sam_optax/_src/numerics.py:19 (f32:
-  # jnp.promote_types(bf16, f32)); optax's Adam promotes too (decay ** int count).
+  # optax's Adam promotes (decay ** int count).
   with jax.numpy_dtype_promotion("standard"):
     for _ in range(2):
       _nnx_sam_step(model, optimizer, x, y)

@@ -16,7 +16,8 @@ import optax
 
 def f32(x):
   """``x`` as an array of at least float32 precision (bf16/f16 are promoted)."""
-  return jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
+  x = jnp.asarray(x)
+  return x if x.dtype == jnp.float64 else x.astype(jnp.float32)
 
 
 def tree_norm(tree, ord=2):  # pylint: disable=redefined-builtin
@@ -56,6 +57,24 @@ def tree_cosine(a, b):
   return safe_divide(tree_vdot(a, b), tree_norm(a) * tree_norm(b))
 
 
+def safe_inverse_norm(tree):
+  """``1/‖tree‖₂`` (0 at zero), also where the sum of squares under/overflows.
+
+  Gradients below ~1e-19 (or above ~1e19) square to 0 (or ∞) in float32; the
+  norm is then recomputed after rescaling by ``max|x|``, in the untaken branch
+  of a ``lax.cond`` on every ordinary step.
+  """
+  norm = tree_norm(tree)
+
+  def rescaled(_):
+    inv_scale = safe_divide(1.0, tree_norm(tree, math.inf))
+    unit = jax.tree.map(lambda x: f32(x) * inv_scale, tree)
+    return inv_scale * safe_divide(1.0, tree_norm(unit))
+
+  ordinary = jnp.isfinite(norm) & (norm > 1e-18)
+  return jax.lax.cond(ordinary, lambda _: safe_divide(1.0, norm), rescaled, None)
+
+
 def dual_direction(grads, p=2.0):
   """Unit-``p``-norm steepest-ascent direction for a linearized loss.
 
@@ -76,8 +95,7 @@ def dual_direction(grads, p=2.0):
     A pytree like ``grads`` (same dtypes).
   """
   if p == 2:
-    inv = safe_divide(1.0, tree_norm(grads))
-    return tree_scale(grads, inv)
+    return tree_scale(grads, safe_inverse_norm(grads))
   if p == math.inf:
     return jax.tree.map(lambda g: jnp.sign(g).astype(g.dtype), grads)
   q = p / (p - 1.0)
