@@ -58,21 +58,16 @@ def tree_cosine(a, b):
 
 
 def safe_inverse_norm(tree):
-  """``1/‖tree‖₂`` (0 at zero), also where the sum of squares under/overflows.
+  """``1/‖tree‖₂`` (0 at zero), also where the sum of squares would under/overflow.
 
-  Gradients below ~1e-19 (or above ~1e19) square to 0 (or ∞) in float32; the
-  norm is then recomputed after rescaling by ``max|x|``, in the untaken branch
-  of a ``lax.cond`` on every ordinary step.
+  Gradients below ~1e-19 (or above ~1e19) square to 0 (or ∞) in float32, so
+  the norm is taken of ``tree / max|x|`` (the division fuses into the sum).
   """
-  norm = tree_norm(tree)
-
-  def rescaled(_):
-    inv_scale = safe_divide(1.0, tree_norm(tree, math.inf))
-    unit = jax.tree.map(lambda x: f32(x) * inv_scale, tree)
-    return inv_scale * safe_divide(1.0, tree_norm(unit))
-
-  ordinary = jnp.isfinite(norm) & (norm > 1e-18)
-  return jax.lax.cond(ordinary, lambda _: safe_divide(1.0, norm), rescaled, None)
+  inv_scale = safe_divide(1.0, tree_norm(tree, math.inf))
+  unit_norm = jnp.sqrt(sum(
+      (jnp.sum(jnp.square(f32(x) * inv_scale)) for x in jax.tree.leaves(tree)),
+      jnp.zeros((), jnp.float32)))
+  return inv_scale * safe_divide(1.0, unit_norm)
 
 
 def dual_direction(grads, p=2.0):

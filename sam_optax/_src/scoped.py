@@ -72,9 +72,14 @@ class Scope(NamedTuple):
 
 
 def _key_name(entry) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
+  """A path entry as a string: the dict key, attribute name or index."""
+  tu = jax.tree_util
+  if isinstance(entry, (tu.DictKey, tu.FlattenedIndexKey)):
+    return str(entry.key)
+  if isinstance(entry, tu.GetAttrKey):
+    return str(entry.name)
+  if isinstance(entry, tu.SequenceKey):
+    return str(entry.idx)
   return str(entry)
 
 
