@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -74,6 +74,9 @@ def test_deterministic(g, rho):
 
 @SETTINGS
 @given(vectors, rhos)
+@example(np.array([3.3e-32], np.float32), 1.0)  # g² underflows in float32
+@example(np.array([5.95e-37, -1e-30], np.float32), 0.015625)
+@example(np.array([3e20, -1e21], np.float32), 0.5)  # g² overflows
 def test_epsilon_points_along_gradient(g, rho):
   g = jnp.asarray(g)
   eps, _ = _eps(g, rho)
