@@ -57,19 +57,6 @@ def tree_cosine(a, b):
   return safe_divide(tree_vdot(a, b), tree_norm(a) * tree_norm(b))
 
 
-def safe_inverse_norm(tree):
-  """``1/‖tree‖₂`` (0 at zero), also where the sum of squares would under/overflow.
-
-  Gradients below ~1e-19 (or above ~1e19) square to 0 (or ∞) in float32, so
-  the norm is taken of ``tree / max|x|`` (the division fuses into the sum).
-  """
-  inv_scale = safe_divide(1.0, tree_norm(tree, math.inf))
-  unit_norm = jnp.sqrt(sum(
-      (jnp.sum(jnp.square(f32(x) * inv_scale)) for x in jax.tree.leaves(tree)),
-      jnp.zeros((), jnp.float32)))
-  return inv_scale * safe_divide(1.0, unit_norm)
-
-
 def dual_direction(grads, p=2.0):
   """Unit-``p``-norm steepest-ascent direction for a linearized loss.
 
@@ -90,7 +77,11 @@ def dual_direction(grads, p=2.0):
     A pytree like ``grads`` (same dtypes).
   """
   if p == 2:
-    return tree_scale(grads, safe_inverse_norm(grads))
+    # One fused pass, as a hand-written SAM step does. A norm whose square
+    # leaves float32's range (‖g‖ < ~1e-19 or > ~1e19) gives d = 0: a base
+    # step, never NaN. Rescaling by max|g| first would cost another pass
+    # over the gradient on every step (~25 % of a small model's step on CPU).
+    return tree_scale(grads, safe_divide(1.0, tree_norm(grads)))
   if p == math.inf:
     return jax.tree.map(lambda g: jnp.sign(g).astype(g.dtype), grads)
   q = p / (p - 1.0)

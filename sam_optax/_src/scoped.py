@@ -66,8 +66,7 @@ class Scope(NamedTuple):
     """‖ε‖₂; without a pass over the params when the rule's d has norm 1."""
     if unit_norm and self.rho_scale is None:
       # ‖ε‖ = ρ‖d‖ = ρ (0 at g = 0).
-      nonzero = numerics.safe_inverse_norm(restricted_grads) > 0
-      return jnp.where(nonzero, rho, 0.0)
+      return jnp.where(numerics.tree_norm(restricted_grads) > 0, rho, 0.0)
     return numerics.tree_norm(eps)
 
 
