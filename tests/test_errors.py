@@ -127,3 +127,16 @@ def test_mask_tree_mismatch():
   tx = sam_optax.sharpness_aware(0.05, mask={"a": True})
   with pytest.raises(ValueError, match=r"`mask`: the mask tree does not match the params tree"):
     tx.update(params, tx.init(params), params, loss_fn=lambda p: jnp.sum(p["a"] ** 2))
+
+
+@pytest.mark.parametrize("value", [
+    (jnp.float32(3.0), jnp.float32(1.0)),   # the (loss, aux) pair of has_aux=True
+    {"loss": 3.0},
+    jnp.ones((1,)),
+], ids=["loss-aux-pair", "dict", "shape-1"])
+def test_value_must_be_the_scalar_loss(value):
+  tx = sam_optax.sam(optax.sgd(0.1), 0.05)
+  with pytest.raises(ValueError, match=r"`sam_optax.sam.update\(\.\.\., value=\.\.\.\)`: value is the "
+                     r"unperturbed loss L\(w\), a scalar; got a non-scalar \w+.*pass `value=loss`"):
+    _update(tx, value=value)
+  _update(tx, value=jnp.float32(1.0))  # a scalar is fine

@@ -55,6 +55,11 @@ LOSS_NOT_SCALAR = (
     "`{name}`: `loss_fn` must return a scalar loss, but it returned an array "
     "of shape {shape}. Reduce it (for example `jnp.mean(per_example_loss)`)."
 )
+BAD_VALUE = (
+    "`{name}.update(..., value=...)`: value is the unperturbed loss L(w), a "
+    "scalar; got a non-scalar {got}. With `has_aux=True`, `jax.value_and_grad` returns "
+    "`((loss, aux), grads)`: pass `value=loss`, not the pair."
+)
 LOSS_NOT_FLOAT = "`{name}`: `loss_fn` must return a floating-point loss, but it returned dtype {dtype}."
 BAD_RHO = (
     "`{name}(rho={rho!r})`: ρ must be a finite number ≥ 0 (or an optax "
@@ -235,7 +240,6 @@ REMOVE_PERTURBATION_NOT_ONE = (
 
 # --- Hyper-parameters, at construction. ---------------------------------------
 
-
 _NUMBER = (numbers.Real, np.ndarray, np.generic)  # concrete, checkable
 
 
@@ -246,13 +250,6 @@ def check_rho(name: str, rho) -> None:
   v = float(np.asarray(rho))
   if isinstance(rho, bool) or not math.isfinite(v) or v < 0:
     raise ValueError(BAD_RHO.format(name=name, rho=rho))
-
-
-def _interval_text(low, high, low_open, high_open) -> str:
-  if high is None:
-    return f"{'>' if low_open else '≥'} {low:g}"
-  return (f"in {'(' if low_open else '['}{low:g}, {high:g}"
-          f"{')' if high_open else ']'}")
 
 
 def check_range(name: str, arg: str, value: Any, *, low: float = 0.0,
@@ -273,9 +270,11 @@ def check_range(name: str, arg: str, value: Any, *, low: float = 0.0,
   if high is not None:
     ok = ok and (v < high if high_open else v <= high)
   if not ok:
+    interval = (f"{'>' if low_open else '≥'} {low:g}" if high is None else
+                f"in {'(' if low_open else '['}{low:g}, {high:g}"
+                f"{')' if high_open else ']'}")
     raise ValueError(KNOB_OUT_OF_RANGE.format(
-        name=name, arg=arg, value=value, hint=hint,
-        interval=_interval_text(low, high, low_open, high_open)))
+        name=name, arg=arg, value=value, hint=hint, interval=interval))
 
 
 def check_static(name: str, arg: str, value) -> None:
@@ -287,8 +286,7 @@ def is_positive_int(value) -> bool:
   return isinstance(value, numbers.Integral) and value >= 1 and value is not True
 
 
-def check_k(name: str, k: Any) -> int:
-  """``k`` (steps from one SAM step to the next) is a structural int ≥ 1."""
+def check_k(name: str, k: Any) -> int:  # steps between SAM steps: an int ≥ 1
   check_static(name, "k", k)
   if not is_positive_int(k):
     raise ValueError(BAD_K.format(name=name, k=k))
@@ -353,12 +351,9 @@ def check_placement(name: str, *, axis_name, m, group_loop,
 
 # --- Params and the loss function. ----------------------------------------------
 
-
 def check_float_params(name: str, params) -> None:
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is None:
-      dtype = jnp.asarray(leaf).dtype
+    dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(NON_FLOAT_PARAMS.format(
           name=name, path=jax.tree_util.keystr(path) or "<root>", dtype=dtype))
@@ -435,10 +430,12 @@ def resolve_leafwise(name: str, arg: str, value, params, what: str):
 
 # --- An `update` call. ------------------------------------------------------------
 
-
 def check_update_call(name: str, *, updates, params, loss_fn, has_aux: bool,
-                      m) -> None:
+                      m, value=None) -> None:
   """What every ``update`` of a second-pass transform needs."""
+  if value is not None and (isinstance(value, (tuple, list, dict))
+                            or jnp.shape(value) != ()):
+    raise ValueError(BAD_VALUE.format(name=name, got=type(value).__name__))
   if loss_fn is None:
     hint = "; with `has_aux=True` it returns `(loss, aux)`" if has_aux else ""
     if m is not None:

@@ -199,7 +199,7 @@ def sharpness_aware_transform(
     del extra_args
     # 1. Check the call.
     checks.check_update_call(name, updates=updates, params=params,
-                             loss_fn=loss_fn, has_aux=has_aux, m=m)
+                             loss_fn=loss_fn, has_aux=has_aux, m=m, value=value)
     placement.check_call(updates, params, batch, group_grads)
     step = _Step(
         grads=updates, params=params,
