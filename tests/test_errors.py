@@ -140,3 +140,16 @@ def test_value_must_be_the_scalar_loss(value):
                      r"unperturbed loss L\(w\), a scalar; got a non-scalar \w+.*pass `value=loss`"):
     _update(tx, value=value)
   _update(tx, value=jnp.float32(1.0))  # a scalar is fine
+
+
+def test_numpy_integer_m_is_accepted_everywhere():
+  """`m` is checked by one rule: a numpy integer is a positive integer too."""
+  loss = lambda w, c: jnp.mean((c @ w) ** 2)
+  w, x = jnp.ones((3,)), jnp.ones((8, 3))
+  value, grads, group_grads = sam_optax.group_value_and_grad(loss, np.int64(4))(w, x)
+  assert group_grads.shape == (2, 3)
+  tx = sam_optax.sam(optax.sgd(0.1), 0.05, m=np.int64(4))
+  tx.update(grads, tx.init(w), w, loss_fn=loss, batch=x, group_grads=group_grads, value=value)
+  for bad in (0, 2.0, True):
+    with pytest.raises(ValueError, match=r"m is the number of examples per perturbation"):
+      sam_optax.group_value_and_grad(loss, bad)
