@@ -584,13 +584,15 @@ def test_nnx_bad_input():
   with pytest.raises(ValueError, match=r"`SAMOptimizer\(second_pass_rng="
                      r"'new'\)`: expected one of \('same', 'fresh'\)"):
     sam_flax.SAMOptimizer(model, tx, wrt=nnx.Param, second_pass_rng="new")
-  # Perturbed statistics are undefined with one perturbation per group.
-  grouped = sam_optax.sam(optax.sgd(LR), rho=RHO, m=4)
-  optimizer = sam_flax.SAMOptimizer(model, grouped, wrt=nnx.Param,
-                                    bn_stats="perturbed")
-  with pytest.raises(ValueError, match=r"`SAMOptimizer\(bn_stats='perturbed'"
-                     r"\)` keeps model state from the perturbed pass.*`m=`"):
-    _nnx_chunk_step(model, optimizer, x, y)
+  # Perturbed statistics are undefined with one perturbation per group, under
+  # every group loop (scan/unroll would silently keep the last group's).
+  for loop in ("vmap", "scan", "unroll"):
+    grouped = sam_optax.sam(optax.sgd(LR), rho=RHO, m=4, group_loop=loop)
+    optimizer = sam_flax.SAMOptimizer(model, grouped, wrt=nnx.Param,
+                                      bn_stats="perturbed")
+    with pytest.raises(ValueError, match=r"`SAMOptimizer\(bn_stats='perturbed'"
+                       r"\)` keeps model state from the perturbed pass.*`m=`"):
+      _nnx_chunk_step(model, optimizer, x, y)
 
 
 # --- Packaging. ----------------------------------------------------------------

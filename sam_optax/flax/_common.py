@@ -70,13 +70,14 @@ def read_refs(refs):
 def write_refs(refs, values, *, call, arg, value, default):
   """Writes ``values`` into ``refs`` from inside the transform's ``loss_fn``.
 
-  Where the transform runs one perturbed pass per group of examples under
-  ``jax.vmap`` (as it declares, see :func:`distributed.current_loss_call`),
-  there is no single perturbed state to keep: that is an error, raised before
-  any write.
+  Where the transform runs one perturbed pass per group of examples (``m=``,
+  under any ``group_loop``, as it declares: see
+  :func:`distributed.current_loss_call`), there is no single perturbed state
+  to keep: that is an error, raised before any write. (Under ``'scan'`` or
+  ``'unroll'`` the writes would silently keep the last group's state.)
   """
   loss_call = distributed.current_loss_call()
-  if loss_call is not None and loss_call.vectorized_over_groups:
+  if loss_call is not None and loss_call.m is not None:
     raise ValueError(PERTURBED_STATE_WITH_GROUPS.format(
         call=call, arg=arg, value=value, default=default))
   ref_leaves, treedef = jax.tree.flatten(refs)
