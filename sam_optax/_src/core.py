@@ -137,10 +137,8 @@ class _Machinery(NamedTuple):
 
   def skipped_pass(self, step: _Step, rule_state):
     """A step without the second pass (LookSAM, interval SAM off-steps)."""
-    g, g_norm, loss = step.grads, numerics.tree_norm(step.grads), step.value
-    if self.placement.axis_name is not None:
-      g, g_norm, loss = distributed.all_reduce_mean(
-          (g, g_norm, loss), self.placement.axis_name)
+    g, g_norm, loss = self.placement.mean(
+        (step.grads, numerics.tree_norm(step.grads), step.value))
     direction, rule_state = (self.rule.skip or _default_skip)(
         g, rule_state, step.params)
     info = base.SAMInfo.empty()._replace(grad_norm=g_norm, loss=loss,

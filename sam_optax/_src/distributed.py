@@ -29,53 +29,21 @@ import jax.numpy as jnp
 from sam_optax._src import checks
 from sam_optax._src import groups
 
-class LossCall(NamedTuple):
-  """How the step is calling ``loss_fn`` right now, for adapters to read.
-
-  An adapter's loss function (the Flax train states, say) may need to know
-  whether it runs once per group of examples under ``jax.vmap``, where it
-  cannot write to array references. The core declares it here, at trace time,
-  around every call of ``loss_fn`` inside ``update``: read it with
-  :func:`current_loss_call` (``None`` outside a sharpness-aware step).
-
-  Attributes:
-    name: the public name of the transform calling.
-    m: examples per perturbation (``None``: one per batch or per device).
-    group_loop: how the groups run (``'vmap'``, ``'scan'``, ``'unroll'``).
-    axis_name: the mapped axis of per-device perturbations, or ``None``.
-  """
-
-  name: str
-  m: Optional[int]
-  group_loop: str
-  axis_name: Any
-
-  @property
-  def vectorized_over_groups(self) -> bool:
-    """Whether ``loss_fn`` is traced under ``jax.vmap`` over groups."""
-    return self.m is not None and self.group_loop == "vmap"
-
-
+# The placement of the `update` whose `loss_fn` is being traced, if any.
 _LOSS_CALL: contextvars.ContextVar = contextvars.ContextVar(
     "sam_optax_loss_call", default=None)
 
 
-def current_loss_call() -> Optional[LossCall]:
-  """The :class:`LossCall` of the enclosing ``update`` (``None`` outside one)."""
+def current_loss_call() -> Optional["Placement"]:
+  """How the enclosing ``update`` is calling ``loss_fn``, for adapters to read.
+
+  An adapter's loss function (the Flax train states, say) may need to know
+  whether it runs once per group of examples (``m``), where there is no single
+  perturbed pass. The core declares its :class:`Placement` at trace time
+  around every call of ``loss_fn`` inside ``update``; outside one this is
+  ``None``.
+  """
   return _LOSS_CALL.get()
-
-
-def declared(fn: Callable, call: LossCall) -> Callable:
-  """``fn`` that declares ``call`` (see :class:`LossCall`) while it runs."""
-
-  def wrapped(*args):
-    token = _LOSS_CALL.set(call)
-    try:
-      return fn(*args)
-    finally:
-      _LOSS_CALL.reset(token)
-
-  return wrapped
 
 
 def _axis_names(axis_name):
@@ -252,9 +220,21 @@ class Placement(NamedTuple):
     checks.check_group_grads(self.name, group_grads, params, b, self.m)
 
   def declare(self, loss_fn: Callable) -> Callable:
-    """``loss_fn`` declaring this placement while it runs (:class:`LossCall`)."""
-    return declared(loss_fn, LossCall(self.name, self.m, self.group_loop,
-                                      self.axis_name))
+    """``loss_fn`` declaring this placement while it runs (see
+    :func:`current_loss_call`)."""
+
+    def declared(*args):
+      token = _LOSS_CALL.set(self)
+      try:
+        return loss_fn(*args)
+      finally:
+        _LOSS_CALL.reset(token)
+
+    return declared
+
+  def mean(self, tree):
+    """Mean over devices (one all-reduce op); the identity without ``axis_name``."""
+    return tree if self.axis_name is None else all_reduce_mean(tree, self.axis_name)
 
   def varying(self, tree):
     """``tree`` typed per device (the identity without ``axis_name``)."""
@@ -299,7 +279,7 @@ class Placement(NamedTuple):
     leaves, treedef = jax.tree.flatten(perturbed.rule_state)
     flags = perturbed.reduce or (False,) * len(leaves)
     to_reduce = [x for x, r in zip(leaves, flags) if r]
-    payload, to_reduce = all_reduce_mean((payload, to_reduce), self.axis_name)
+    payload, to_reduce = self.mean((payload, to_reduce))
     it = iter(to_reduce)
     rule_state = jax.tree.unflatten(treedef, [
         next(it) if r else x for x, r in zip(leaves, flags)])

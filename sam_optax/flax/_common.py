@@ -71,7 +71,7 @@ def write_refs(refs, values, *, call, arg, value, default):
   """Writes ``values`` into ``refs`` from inside the transform's ``loss_fn``.
 
   Where the transform runs one perturbed pass per group of examples (``m=``,
-  under any ``group_loop``, as it declares: see
+  under any ``group_loop``, as the core declares: see
   :func:`distributed.current_loss_call`), there is no single perturbed state
   to keep: that is an error, raised before any write. (Under ``'scan'`` or
   ``'unroll'`` the writes would silently keep the last group's state.)
