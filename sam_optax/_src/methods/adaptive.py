@@ -136,7 +136,7 @@ def asam(
   ρ is about ten times SAM's (the paper uses 0.5 on CIFAR-10 and 1.0 on
   CIFAR-100). At ``g = 0``, ε is exactly 0.
 
-  As a chain block (:func:`adaptive_sharpness_aware`), it goes anywhere in a chain:
+  As a chain block, :func:`adaptive_sharpness_aware` goes first in the chain:
   ``optax.chain(adaptive_sharpness_aware(rho, ...), base_optimizer)`` is the same.
 
   Args:
@@ -241,7 +241,7 @@ def fisher_sam(
 
   At ``g = 0``, ε is exactly 0; ``eta=0`` gives SAM.
 
-  As a chain block (:func:`fisher_sharpness_aware`), it goes anywhere in a chain:
+  As a chain block, :func:`fisher_sharpness_aware` goes first in the chain:
   ``optax.chain(fisher_sharpness_aware(rho, ...), base_optimizer)`` is the same.
 
   Args:

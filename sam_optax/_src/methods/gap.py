@@ -194,7 +194,7 @@ def gsam(
   The paper ties :math:`\rho_t` to the learning rate; build that schedule with
   :func:`rho_from_learning_rate`. At ``g = 0``, ε = 0 and ``u = g_p``.
 
-  As a chain block (:func:`gap_guided_sharpness_aware`), it goes anywhere in a chain:
+  As a chain block, :func:`gap_guided_sharpness_aware` goes first in the chain:
   ``optax.chain(gap_guided_sharpness_aware(rho, ...), base_optimizer)`` is the same.
 
   Args:
@@ -293,7 +293,7 @@ def gnp(
 
   ``alpha=1`` is SAM, ``alpha=0`` the plain gradient.
 
-  As a chain block (:func:`gradient_norm_penalty`), it goes anywhere in a chain:
+  As a chain block, :func:`gradient_norm_penalty` goes first in the chain:
   ``optax.chain(gradient_norm_penalty(rho, ...), base_optimizer)`` is the same.
 
   Args:

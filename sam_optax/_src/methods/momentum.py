@@ -154,7 +154,7 @@ def vasso(
 
   with :math:`d_0 = g_0`. ``theta=1`` is SAM.
 
-  As a chain block (:func:`variance_suppressed_sharpness_aware`), it goes anywhere in a chain:
+  As a chain block, :func:`variance_suppressed_sharpness_aware` goes first in the chain:
   ``optax.chain(variance_suppressed_sharpness_aware(rho, ...), base_optimizer)`` is the same.
 
   Args:
@@ -247,7 +247,7 @@ def friendly_sam(
   On the first step (no history) ε follows :math:`g_0`, and
   :math:`m_0 = g_0`, as in the reference code. ``sigma=0`` is SAM.
 
-  As a chain block (:func:`friendly_sharpness_aware`), it goes anywhere in a chain:
+  As a chain block, :func:`friendly_sharpness_aware` goes first in the chain:
   ``optax.chain(friendly_sharpness_aware(rho, ...), base_optimizer)`` is the same.
 
   Args:

@@ -138,7 +138,7 @@ def looksam(
   steps the second pass is not run, so ``k=5`` costs about 1.2 gradients per
   step.
 
-  As a chain block (:func:`look_sharpness_aware`), it goes anywhere in a chain:
+  As a chain block, :func:`look_sharpness_aware` goes first in the chain:
   ``optax.chain(look_sharpness_aware(rho, ...), base_optimizer)`` is the same.
 
   Args:
@@ -228,7 +228,7 @@ def interval_sam(
   cheap baseline of the LookSAM paper ("SAM-k"), also known as composer's
   ``interval``.
 
-  As a chain block (:func:`interval_sharpness_aware`), it goes anywhere in a chain:
+  As a chain block, :func:`interval_sharpness_aware` goes first in the chain:
   ``optax.chain(interval_sharpness_aware(rho, ...), base_optimizer)`` is the same.
 
   Args:

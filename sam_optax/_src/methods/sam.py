@@ -89,9 +89,11 @@ def sam(
   With ``normalize=False`` (USAM) :math:`\varepsilon = \rho g`. At ``g = 0``,
   ε is exactly 0. Put it first in an ``optax.chain``; the members after it
   (clipping, weight decay, the base optimizer) see ``u`` and the unperturbed
-  params.
+  params. A member placed before it would be undone (the block recomputes the
+  gradient from ``loss_fn``): to clip or decay the SAM gradient, put that
+  member after the block, or pass the chain as ``base_optimizer``.
 
-  As a chain block (:func:`sharpness_aware`), it goes anywhere in a chain:
+  As a chain block, :func:`sharpness_aware` goes first in the chain:
   ``optax.chain(sharpness_aware(rho, ...), base_optimizer)`` is the same.
 
   Args:
