@@ -164,21 +164,20 @@ def asam(
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
-    >>> def loss(w):
-    ...   return jnp.sum((w - 1.0) ** 2)
-    >>> tx = sam_optax.asam(optax.sgd(0.1), rho=0.5, eta=0.01)
-    >>> w = jnp.array([[3.0, -2.0], [0.5, 1.5]])
-    >>> state = tx.init(w)
-    >>> for _ in range(5):
-    ...   grads = jax.grad(loss)(w)
-    ...   updates, state = tx.update(grads, state, w, loss_fn=loss)
-    ...   w = optax.apply_updates(w, updates)
-    ...   print('{:.2E}'.format(loss(w)))
-    7.34E+00
-    4.03E+00
-    2.24E+00
-    1.28E+00
-    7.54E-01
+    >>> x = jnp.array([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]])
+    >>> y = jnp.array([1.0, -1.0, 0.0])
+    >>> loss = lambda w: jnp.mean((x @ w - y) ** 2)
+    >>> tx = sam_optax.asam(optax.sgd(0.05), rho=0.5, eta=0.01)
+    >>> @jax.jit
+    ... def step(w, state):
+    ...   value, grads = jax.value_and_grad(loss)(w)  # L(w) feeds the info
+    ...   updates, state = tx.update(grads, state, w, loss_fn=loss, value=value)
+    ...   return optax.apply_updates(w, updates), state
+    >>> w = jnp.array([0.5, 0.5])
+    >>> w, state = step(w, tx.init(w))
+    >>> info = sam_optax.get_info(state)
+    >>> print(f'loss {info.loss:.3f}, sharpness {info.sharpness:.3f}')
+    loss 1.500, sharpness 3.127
 
   References:
     Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for
@@ -261,21 +260,21 @@ def fisher_sam(
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
-    >>> def loss(w):
-    ...   return jnp.sum((w - 1.0) ** 2)
-    >>> tx = sam_optax.fisher_sam(optax.sgd(0.1), rho=0.1, eta=1.0)
-    >>> w = jnp.array([[3.0, -2.0], [0.5, 1.5]])
+    >>> x = jnp.array([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]])
+    >>> y = jnp.array([1.0, -1.0, 0.0])
+    >>> def loss(w):  # (loss, aux): here the fraction of small residuals
+    ...   err = x @ w - y
+    ...   return jnp.mean(err ** 2), jnp.mean(jnp.abs(err) < 0.5)
+    >>> tx = sam_optax.fisher_sam(optax.adam(0.1), rho=0.1, eta=1.0,
+    ...                           has_aux=True)
+    >>> w = jnp.zeros(2)
     >>> state = tx.init(w)
-    >>> for _ in range(5):
-    ...   grads = jax.grad(loss)(w)
+    >>> for _ in range(20):
+    ...   (value, hits), grads = jax.value_and_grad(loss, has_aux=True)(w)
     ...   updates, state = tx.update(grads, state, w, loss_fn=loss)
     ...   w = optax.apply_updates(w, updates)
-    ...   print('{:.2E}'.format(loss(w)))
-    8.61E+00
-    5.49E+00
-    3.49E+00
-    2.21E+00
-    1.39E+00
+    >>> print(f'{value:.3f} {hits:.2f}')
+    0.021 1.00
 
   References:
     Kim et al., `Fisher SAM: Information Geometry and Sharpness Aware

@@ -223,17 +223,13 @@ def gsam(
     >>> rho = sam_optax.rho_from_learning_rate(lr, rho_max=0.1, rho_min=0.02,
     ...                                        lr_max=0.1, lr_min=0.01)
     >>> tx = sam_optax.gsam(optax.sgd(lr), rho=rho, alpha=0.1)
+    >>> def train_step(_, carry):  # a whole loop under jax.lax.fori_loop
+    ...   w, state = carry
+    ...   updates, state = tx.update(jax.grad(loss)(w), state, w, loss_fn=loss)
+    ...   return optax.apply_updates(w, updates), state
     >>> w = jnp.array([[3.0, -2.0], [0.5, 1.5]])
-    >>> state = tx.init(w)
-    >>> for _ in range(5):
-    ...   grads = jax.grad(loss)(w)
-    ...   updates, state = tx.update(grads, state, w, loss_fn=loss)
-    ...   w = optax.apply_updates(w, updates)
-    ...   print('{:.2E}'.format(loss(w)))
-    8.52E+00
-    5.89E+00
-    4.44E+00
-    3.64E+00
+    >>> w, state = jax.lax.fori_loop(0, 5, train_step, (w, tx.init(w)))
+    >>> print('{:.2E}'.format(loss(w)))
     3.24E+00
 
   References:
@@ -313,21 +309,16 @@ def gnp(
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
-    >>> def loss(w):
-    ...   return jnp.sum((w - 1.0) ** 2)
-    >>> tx = sam_optax.gnp(optax.sgd(0.1), rho=0.1, alpha=0.8)
-    >>> w = jnp.array([[3.0, -2.0], [0.5, 1.5]])
+    >>> loss = lambda w: jnp.sum(jnp.cosh(w))
+    >>> tx = optax.chain(  # the block first, then clipping, then SGD
+    ...     sam_optax.gradient_norm_penalty(rho=0.1, alpha=0.8),
+    ...     optax.clip_by_global_norm(1.0),
+    ...     optax.sgd(0.5))
+    >>> w = jnp.array([2.0, -1.0, 0.5])
     >>> state = tx.init(w)
-    >>> for _ in range(5):
-    ...   grads = jax.grad(loss)(w)
-    ...   updates, state = tx.update(grads, state, w, loss_fn=loss)
-    ...   w = optax.apply_updates(w, updates)
-    ...   print('{:.2E}'.format(loss(w)))
-    8.55E+00
-    5.39E+00
-    3.39E+00
-    2.12E+00
-    1.32E+00
+    >>> updates, state = tx.update(jax.grad(loss)(w), state, w, loss_fn=loss)
+    >>> print('{:.3f}'.format(optax.global_norm(updates)))
+    0.500
 
   References:
     Zhao et al., `Penalizing Gradient Norm for Efficiently Improving

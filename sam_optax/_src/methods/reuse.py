@@ -167,17 +167,13 @@ def looksam(
     ...   return jnp.sum((w - 1.0) ** 2) + jnp.sum(w ** 4) / 4
     >>> tx = sam_optax.looksam(optax.sgd(0.05), rho=0.05, k=2, alpha=0.7)
     >>> w = jnp.array([[3.0, -2.0], [0.5, 1.5]])
-    >>> state = tx.init(w)
-    >>> for _ in range(5):
-    ...   grads = jax.grad(loss)(w)
-    ...   updates, state = tx.update(grads, state, w, loss_fn=loss)
+    >>> state, second_pass = tx.init(w), []
+    >>> for _ in range(4):  # ∇L(w + ε) is computed every k-th step only
+    ...   updates, state = tx.update(jax.grad(loss)(w), state, w, loss_fn=loss)
     ...   w = optax.apply_updates(w, updates)
-    ...   print('{:.2E}'.format(loss(w)))
-    7.95E+00
-    6.50E+00
-    4.50E+00
-    3.52E+00
-    2.78E+00
+    ...   second_pass.append(bool(jnp.isfinite(sam_optax.get_info(state).perturbed_loss)))
+    >>> second_pass
+    [True, False, True, False]
 
   References:
     Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
@@ -251,19 +247,15 @@ def interval_sam(
     >>> import jax, jax.numpy as jnp, optax, sam_optax
     >>> def loss(w):
     ...   return jnp.sum((w - 1.0) ** 2) + jnp.sum(w ** 4) / 4
-    >>> tx = sam_optax.interval_sam(optax.sgd(0.05), rho=0.05, k=2)
+    >>> make = optax.inject_hyperparams(sam_optax.interval_sam,
+    ...                                 static_args=("k",))
+    >>> tx = make(optax.sgd(0.05), rho=0.05, k=2)
     >>> w = jnp.array([[3.0, -2.0], [0.5, 1.5]])
     >>> state = tx.init(w)
-    >>> for _ in range(5):
-    ...   grads = jax.grad(loss)(w)
-    ...   updates, state = tx.update(grads, state, w, loss_fn=loss)
-    ...   w = optax.apply_updates(w, updates)
-    ...   print('{:.2E}'.format(loss(w)))
-    7.95E+00
-    5.25E+00
-    3.82E+00
-    2.99E+00
-    2.40E+00
+    >>> state.hyperparams["rho"] = jnp.array(0.1)  # ρ changed at run time
+    >>> updates, state = tx.update(jax.grad(loss)(w), state, w, loss_fn=loss)
+    >>> print('{:.3f}'.format(loss(optax.apply_updates(w, updates))))
+    7.625
 
   References:
     Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
