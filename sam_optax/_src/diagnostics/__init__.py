@@ -14,8 +14,9 @@
 
 Everything here is traceable: no host callbacks, loops are ``lax.fori_loop`` /
 ``lax.map``, so each function can run under ``jax.jit`` and on sharded params.
-Curvature and sharpness are computed in (at least) float32, also for bfloat16
-params.
+Curvature and sharpness are computed in the params' precision, at least
+float32 (bfloat16 params get float32, float64 params under ``jax_enable_x64``
+float64), with norms rescaled so that a loss of any scale is measured alike.
 
 (One module per instrument: ``statistics``, ``curvature`` with its Krylov
 iterations in ``krylov``, ``sharpness`` and ``features``; ``common`` holds what

@@ -7,13 +7,10 @@ params, an empty or ragged batch.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sam_optax._src import checks
 
@@ -38,8 +35,13 @@ M_NOT_DIVIDING_BATCH = (
     "({divisors}), or pass `m=None` for one group."
 )
 NO_PARAMS = (
-    "`{name}`: `params` has no array leaves, so there is no Hessian to "
-    "measure. Pass the model's params pytree."
+    "`{name}`: `params` has no array leaves, or only leaves of size 0, so "
+    "there is no parameter to measure (the Hessian is 0×0). Pass the model's "
+    "params pytree."
+)
+VECTOR_NOT_LIKE_PARAMS = (
+    "`{name}`: `vector` must be a pytree of the same structure as `params`; "
+    "got {vector} for params {params}."
 )
 BAD_EIGENVALUE_COUNT = (
     "`{name}(k={k!r}, num_iters={num_iters!r})`: k eigenvalues need at least k "
@@ -54,6 +56,16 @@ BAD_HESSIAN_METHOD = (
 BAD_LABELS = (
     "`{name}`: `labels` must be a 1-D integer array of class indices with one "
     "entry per example; got shape {shape} and dtype {dtype} for {n} examples."
+)
+LABEL_OUT_OF_RANGE = (
+    "`{name}`: `{arg}` must hold class indices 0 ≤ y < num_classes ({c}); "
+    "entry {index} is {value}. Map the labels to 0, 1, ..., num_classes − 1 "
+    "(and pass `num_classes=` if some class is absent from them)."
+)
+NON_FINITE_FEATURES = (
+    "`{name}`: `{arg}` has {count} non-finite value(s) (NaN or ±inf), the "
+    "first in example {index}; the probe would be fitted on garbage. Drop or "
+    "repair those examples."
 )
 NUM_CLASSES_NEEDED = (
     "`{name}`: the labels are traced (inside `jax.jit`), so the number of "
@@ -92,6 +104,34 @@ BAD_BLOCK_MASK = (
     "`{name}`: the boolean mask of block {key!r} has shape {shape}; it needs "
     "one entry per input ({d_in})."
 )
+BAD_BLOCK_INDICES = (
+    "`{name}`: the coordinates of block {key!r} must be a slice, a 1-D "
+    "sequence of integer input indices or a boolean mask of length {d_in} "
+    "(concrete, not traced); got {got}."
+)
+BLOCK_INDEX_OUT_OF_RANGE = (
+    "`{name}`: block {key!r} lists input index {index}, but `kernel` has "
+    "{d_in} inputs (rows); indices must be in [0, {d_in}) (negative ones "
+    "count from the end, down to −{d_in})."
+)
+BLOCK_INDEX_REPEATED = (
+    "`{name}`: block {key!r} lists input {index} more than once; each input "
+    "belongs in a block once (a repeat would count its weights twice)."
+)
+PROBE_NOT_PAIR = (
+    "`{name}`: probe set {key!r} must be a pair `(inputs, labels)`; got a "
+    "{kind}."
+)
+REPRESENTATION_NOT_ARRAY = (
+    "`{name}`: `representation_fn(params, inputs)` must return one array of "
+    "features `[n, ...]` (n = examples); for probe set {key!r} it returned "
+    "{got}. Return the one representation to probe (e.g. `outputs[0]`)."
+)
+REPRESENTATION_WRONG_LENGTH = (
+    "`{name}`: `representation_fn(params, inputs)` returned features of shape "
+    "{shape} for probe set {key!r}, whose labels have {n} entries; it must "
+    "return one row of features per example."
+)
 
 
 def check_positive_int(name: str, arg: str, value, meaning: str,
@@ -121,15 +161,16 @@ def check_radius(name: str, rho) -> None:
     raise ValueError(BAD_RADIUS.format(name=name, rho=rho)) from None
 
 
-def not_finite_positive(value) -> bool:
-  """Whether ``value`` is a concrete number that is not finite and > 0.
+def check_positive(template: str, name: str, arg: str, value, **fields) -> None:
+  """A concrete finite number > 0 (the core's :func:`checks.check_range`).
 
-  Arrays that are not concrete numbers (possibly traced) are let through.
+  Raises ``ValueError(template)`` otherwise, bools and callables included;
+  arrays that are not concrete numbers (possibly traced) are let through.
   """
-  if not isinstance(value, (numbers.Real, np.ndarray, np.generic)):
-    return False
-  v = float(np.asarray(value))
-  return not (math.isfinite(v) and v > 0)
+  try:
+    checks.check_range(name, arg, value, low=0.0, low_open=True)
+  except (TypeError, ValueError):
+    raise ValueError(template.format(name=name, **{arg: value}, **fields)) from None
 
 
 def whole_batch_size(name: str, batch, m: Optional[int]) -> int:

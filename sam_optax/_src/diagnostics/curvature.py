@@ -17,7 +17,7 @@ METHODS = ("lanczos", "power")
 
 def hessian_vector_product(loss_fn: Callable, params, vector, *,
                            has_aux: bool = False):
-  r"""The Hessian of ``loss_fn`` at ``params`` times ``vector``, in float32.
+  r"""The Hessian of ``loss_fn`` at ``params`` times ``vector``, in (at least) float32.
 
   Forward-over-reverse differentiation: the directional derivative of the
   gradient,
@@ -26,8 +26,9 @@ def hessian_vector_product(loss_fn: Callable, params, vector, *,
     H v = \frac{\partial}{\partial t} \nabla L(w + t v) \Big|_{t=0},
 
   computed by ``jax.jvp`` of ``jax.grad``; it costs about two gradient
-  evaluations and never forms :math:`H`. Params (and ``vector``) are cast to
-  at least float32 first, so bfloat16 models get f32 curvature.
+  evaluations and never forms :math:`H`. Params are cast to at least float32
+  first, so bfloat16 models get f32 curvature (float64 params stay float64),
+  and each leaf of ``vector`` is cast to the dtype of its param.
 
   Args:
     loss_fn: ``params -> scalar loss`` (``(loss, aux)`` with ``has_aux``).
@@ -37,7 +38,8 @@ def hessian_vector_product(loss_fn: Callable, params, vector, *,
     has_aux: whether ``loss_fn`` returns ``(loss, aux)`` (aux is discarded).
 
   Returns:
-    :math:`H v`, a pytree like ``params`` with (at least) float32 leaves.
+    :math:`H v`, a pytree like ``params``, each leaf in its param's dtype
+    promoted to at least float32.
 
   Examples:
     >>> import jax.numpy as jnp, sam_optax
@@ -53,7 +55,12 @@ def hessian_vector_product(loss_fn: Callable, params, vector, *,
   """
   name = common.PREFIX + "hessian_vector_product"
   f, params = common.prepare(name, loss_fn, params, has_aux)
-  return krylov.hvp_fn(f, params)(common.to_f32(vector))
+  if jax.tree.structure(vector) != jax.tree.structure(params):
+    raise ValueError(diag_checks.VECTOR_NOT_LIKE_PARAMS.format(
+        name=name, vector=jax.tree.structure(vector),
+        params=jax.tree.structure(params)))
+  vector = jax.tree.map(lambda v, p: jnp.asarray(v).astype(p.dtype), vector, params)
+  return krylov.hvp_fn(f, params)(vector)
 
 
 def hessian_top_eigenvalue(
@@ -95,10 +102,17 @@ def hessian_top_eigenvalue(
   negative curvature), a second run on the shifted, positive semi-definite
   :math:`H - \lambda I` recovers :math:`\lambda_{\max}`, doubling the cost.
 
+  The iterations normalize every vector with a norm rescaled by its largest
+  entry and detect a Lanczos breakdown relative to the largest coupling seen,
+  so the result does not depend on the scale of the loss: ``c · loss_fn``
+  gives ``c`` times the eigenvalue for any ``c`` whose Hessian is finite
+  (1e-30 and 1e30 included, in float32).
+
   Args:
     loss_fn: ``params -> scalar loss`` (``(loss, aux)`` with ``has_aux``);
       close over the batch (a fixed batch gives a fixed Hessian).
-    params: a pytree of floating-point arrays; computed in (at least) float32.
+    params: a pytree of floating-point arrays; computed in their precision,
+      at least float32 (float64 params under ``jax_enable_x64``: float64).
     num_iters: Hessian-vector products (≥ 1), default 20. Lanczos uses
       ``min(num_iters, number of parameters)``.
     key: a ``jax.random`` key (or an int seed) for the random start vector;
@@ -107,7 +121,8 @@ def hessian_top_eigenvalue(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    The largest (algebraic) eigenvalue, a float32 scalar.
+    The largest (algebraic) eigenvalue, a scalar of the params' precision
+    (float32; float64 for float64 params).
 
   Examples:
     >>> import jax.numpy as jnp, sam_optax
@@ -141,8 +156,8 @@ def hessian_top_eigenvalue(
     matvec = krylov.hvp_fn(f, params)
     if method == "power":
       return krylov.power_top(matvec, params, num_iters, key)
-    t, _ = krylov.lanczos(matvec, params, min(num_iters, krylov.num_params(params)), key)
-    return jnp.linalg.eigvalsh(t)[-1]
+    t, _ = krylov.lanczos(matvec, params, min(num_iters, common.num_params(params)), key)
+    return krylov.ritz(t)[0][-1]
 
   return jax.jit(compute)(params, key)
 
@@ -174,7 +189,8 @@ def hessian_top_eigenvalues(
 
   Args:
     loss_fn: ``params -> scalar loss`` (``(loss, aux)`` with ``has_aux``).
-    params: a pytree of floating-point arrays; computed in (at least) float32.
+    params: a pytree of floating-point arrays; computed in their precision,
+      at least float32.
     k: how many eigenvalues, ``1 ≤ k ≤ num_iters``.
     num_iters: Lanczos steps; default ``max(20, 2 k)``, at most the number of
       parameters. Memory: ``num_iters`` vectors the size of ``params``.
@@ -184,8 +200,9 @@ def hessian_top_eigenvalues(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    A float32 array of shape ``[k]`` (descending), or ``(eigenvalues,
-    eigenvectors)`` with ``return_eigenvectors=True``.
+    An array of shape ``[k]`` (descending) of the params' precision (float32;
+    float64 for float64 params), or ``(eigenvalues, eigenvectors)`` with
+    ``return_eigenvectors=True``.
 
   Examples:
     >>> import jax.numpy as jnp, sam_optax
@@ -206,7 +223,7 @@ def hessian_top_eigenvalues(
   name = common.PREFIX + "hessian_top_eigenvalues"
   k = diag_checks.check_positive_int(name, "k", k, "is the number of eigenvalues", 5)
   f, params = common.prepare(name, loss_fn, params, has_aux)
-  dim = krylov.num_params(params)
+  dim = common.num_params(params)
   if num_iters is None:
     num_iters = min(max(20, 2 * k), dim)
   num_iters = diag_checks.check_positive_int(
@@ -220,7 +237,7 @@ def hessian_top_eigenvalues(
 
   def compute(params, key):
     t, basis = krylov.lanczos(krylov.hvp_fn(f, params), params, num_iters, key)
-    vals, vecs = jnp.linalg.eigh(t)
+    vals, vecs = krylov.ritz(t)
     vals = vals[::-1][:k]
     if not return_eigenvectors:
       return vals
@@ -253,7 +270,8 @@ def hessian_trace(
 
   Args:
     loss_fn: ``params -> scalar loss`` (``(loss, aux)`` with ``has_aux``).
-    params: a pytree of floating-point arrays; computed in (at least) float32.
+    params: a pytree of floating-point arrays; computed in their precision,
+      at least float32.
     num_samples: number of probes S ≥ 1, default 100; the standard error falls
       like :math:`1/\sqrt{S}`.
     key: a ``jax.random`` key (or an int seed) for the probes; default
@@ -261,7 +279,8 @@ def hessian_trace(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    The estimate, a float32 scalar.
+    The estimate, a scalar of the params' precision (float32; float64 for
+    float64 params).
 
   Examples:
     >>> import jax.numpy as jnp, sam_optax
@@ -289,9 +308,10 @@ def hessian_trace(
 
     def body(s, total):
       z = krylov.random_like(jax.random.fold_in(key, s), params, jax.random.rademacher)
-      return total + krylov.vdot(z, matvec(z))
+      return total + common.vdot(z, matvec(z))
 
-    total = jax.lax.fori_loop(0, num_samples, body, jnp.zeros((), jnp.float32))
+    total = jax.lax.fori_loop(0, num_samples, body,
+                              jnp.zeros((), common.compute_dtype(params)))
     return total / num_samples
 
   return jax.jit(compute)(params, key)

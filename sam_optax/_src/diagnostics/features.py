@@ -25,6 +25,35 @@ def _labels_1d(name, labels, n):
   return labels
 
 
+def _concrete(x):
+  """``x`` as a numpy array, or None if it is traced (inside ``jax.jit``)."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  return np.asarray(x)
+
+
+def _check_finite(name, arg, x):
+  """Raises if the concrete features ``x`` ``[n, d]`` hold a NaN or ±inf."""
+  if isinstance(x, jax.core.Tracer) or bool(jnp.all(jnp.isfinite(x))):
+    return
+  bad = ~np.isfinite(np.asarray(x))
+  if bad.any():
+    raise ValueError(diag_checks.NON_FINITE_FEATURES.format(
+        name=name, arg=arg, count=int(bad.sum()),
+        index=int(np.flatnonzero(bad.any(axis=1))[0])))
+
+
+def _check_label_range(name, arg, y, c):
+  """Raises if the concrete labels ``y`` leave ``[0, c)``."""
+  y = _concrete(y)
+  if y is None:
+    return
+  bad = np.flatnonzero((y < 0) | (y >= c))
+  if bad.size:
+    raise ValueError(diag_checks.LABEL_OUT_OF_RANGE.format(
+        name=name, arg=arg, c=c, index=int(bad[0]), value=int(y[bad[0]])))
+
+
 def _num_classes(name, num_classes, *label_arrays):
   if num_classes is not None:
     return diag_checks.check_positive_int(name, "num_classes", num_classes,
@@ -60,6 +89,10 @@ def linear_probe_accuracy(
   probe does not depend on the scale of the features). When there are more
   features than examples the equivalent dual form is solved instead.
 
+  Features must be finite and labels in ``[0, num_classes)``: a NaN feature
+  or a label of −1 raises ``ValueError``. Under ``jax.jit`` (traced inputs,
+  which cannot be checked) the accuracy is NaN instead.
+
   Args:
     features: ``[n, ...]`` array (flattened to ``[n, d]``), e.g. a layer's
       activations.
@@ -73,7 +106,8 @@ def linear_probe_accuracy(
     l2: relative ridge strength λ > 0, default 1e-3.
 
   Returns:
-    The accuracy in ``[0, 1]``, a float32 scalar.
+    The accuracy in ``[0, 1]``, a float32 scalar (NaN for traced non-finite
+    features or out-of-range labels).
 
   Examples:
     >>> import jax, jax.numpy as jnp, sam_optax
@@ -104,9 +138,13 @@ def linear_probe_accuracy(
       raise ValueError(diag_checks.TEST_FEATURES_WIDTH.format(
           name=name, d_test=xt.shape[1], d=x.shape[1]))
     yt = _labels_1d(name, test_labels, xt.shape[0])
-  if diag_checks.not_finite_positive(l2):
-    raise ValueError(diag_checks.BAD_L2.format(name=name, l2=l2))
+  diag_checks.check_positive(diag_checks.BAD_L2, name, "l2", l2)
   c = _num_classes(name, num_classes, y, yt)
+  _check_finite(name, "features", x)
+  _check_label_range(name, "labels", y, c)
+  if test_features is not None:
+    _check_finite(name, "test_features", xt)
+    _check_label_range(name, "test_labels", yt, c)
   return jax.jit(lambda *args: _ridge_probe(*args, c))(x, y, xt, yt, l2)
 
 
@@ -123,7 +161,11 @@ def _ridge_probe(x, y, xt, yt, l2, c):
   else:
     w = xc.T @ jnp.linalg.solve(xc @ xc.T + ridge * jnp.eye(n, dtype=x.dtype), yc)
   pred = jnp.argmax((xt - mu_x) @ w + mu_y, axis=-1)
-  return jnp.mean((pred == yt).astype(jnp.float32))
+  accuracy = jnp.mean((pred == yt).astype(jnp.float32))
+  # What the eager checks raise for: NaN, not a number that looks measured.
+  valid = (jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(xt))
+           & jnp.all((y >= 0) & (y < c)) & jnp.all((yt >= 0) & (yt < c)))
+  return jnp.where(valid, accuracy, jnp.nan)
 
 
 def feature_reliance(
@@ -157,7 +199,7 @@ def feature_reliance(
 
   Args:
     representation_fn: ``(params, inputs) -> [n, ...]`` features (e.g. the
-      penultimate layer, or the model's outputs).
+      penultimate layer, or the model's outputs): one array, not a tuple.
     params: the model's params.
     probes: ``{feature name: (inputs, labels)}``, ``labels`` ``[n]`` integers.
       Shuffle the examples beforehand: the split is by position.
@@ -200,14 +242,28 @@ def feature_reliance(
   if not isinstance(probes, Mapping) or not probes:
     raise ValueError(diag_checks.BAD_PROBES.format(name=name))
   out = {}
-  for key, (inputs, labels) in probes.items():
+  for key, probe in probes.items():
+    if not (isinstance(probe, (tuple, list)) and len(probe) == 2):
+      raise ValueError(diag_checks.PROBE_NOT_PAIR.format(
+          name=name, key=key, kind=type(probe).__name__))
+    inputs, labels = probe
+    labels = jnp.asarray(labels)
     feats = representation_fn(params, inputs)
-    n = jnp.shape(feats)[0]
+    if not isinstance(feats, (jax.Array, np.ndarray)) or feats.ndim == 0:
+      got = (f"a {type(feats).__name__} of length {len(feats)}"
+             if isinstance(feats, (tuple, list)) else
+             f"a {type(feats).__name__} of shape {jnp.shape(feats)}"
+             if hasattr(feats, "shape") else f"a {type(feats).__name__}")
+      raise TypeError(diag_checks.REPRESENTATION_NOT_ARRAY.format(
+          name=name, key=key, got=got))
+    n = feats.shape[0]
+    if labels.ndim == 1 and labels.shape[0] != n:
+      raise ValueError(diag_checks.REPRESENTATION_WRONG_LENGTH.format(
+          name=name, key=key, shape=feats.shape, n=labels.shape[0]))
     n_train = int(round(train_fraction * n))
     if not 0 < n_train < n:
       raise ValueError(diag_checks.PROBE_SET_TOO_SMALL.format(
           name=name, key=key, n=n, train_fraction=train_fraction))
-    labels = jnp.asarray(labels)
     out[key] = linear_probe_accuracy(
         feats[:n_train], labels[:n_train], test_features=feats[n_train:],
         test_labels=labels[n_train:], num_classes=num_classes, l2=l2)
@@ -239,7 +295,10 @@ def block_contributions(kernel, head, blocks: Mapping[str, Indices]) -> dict[str
       convention of ``flax.linen.Dense``).
     head: second-layer weights ``[hidden]`` or ``[hidden, d_out]``.
     blocks: ``{block name: input coordinates}``; coordinates as a slice, a
-      list of ints or a boolean mask of length ``d_in``.
+      list of distinct ints in ``[-d_in, d_in)`` (negative ones count from
+      the end) or a boolean mask of length ``d_in``. An index out of range or
+      repeated raises ``ValueError``; an empty block (``[]``, an empty slice
+      or an all-False mask) reads no weight and contributes 0.
 
   Returns:
     ``{block name: c_B}`` (float32 scalars).
@@ -269,12 +328,39 @@ def block_contributions(kernel, head, blocks: Mapping[str, Indices]) -> dict[str
   out = {}
   for key, idx in blocks.items():
     if not isinstance(idx, slice):
-      idx = np.asarray(idx)
-      if idx.dtype == bool:
-        if idx.shape != (kernel.shape[0],):
-          raise ValueError(diag_checks.BAD_BLOCK_MASK.format(
-              name=name, key=key, shape=idx.shape, d_in=kernel.shape[0]))
-        idx = np.flatnonzero(idx)
+      idx = _block_rows(name, key, idx, kernel.shape[0])
     rows = kernel[idx]
     out[key] = jnp.sum(head_norms * jnp.linalg.norm(rows, axis=0))
   return out
+
+
+def _block_rows(name, key, idx, d_in) -> np.ndarray:
+  """The input indices of block ``key`` (a list or a mask), checked."""
+  bad = diag_checks.BAD_BLOCK_INDICES
+  if isinstance(idx, jax.core.Tracer):
+    raise TypeError(bad.format(name=name, key=key, d_in=d_in, got="a traced array"))
+  try:
+    idx = np.asarray(idx)
+  except (TypeError, ValueError):
+    raise TypeError(bad.format(name=name, key=key, d_in=d_in,
+                               got=f"a {type(idx).__name__}")) from None
+  if idx.dtype == bool:
+    if idx.shape != (d_in,):
+      raise ValueError(diag_checks.BAD_BLOCK_MASK.format(
+          name=name, key=key, shape=idx.shape, d_in=d_in))
+    return np.flatnonzero(idx)
+  if idx.size == 0:  # `[]` is a float64 array to numpy: no input, contribution 0.
+    return np.zeros((0,), np.int32)
+  if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+    raise TypeError(bad.format(name=name, key=key, d_in=d_in,
+                               got=f"shape {idx.shape} and dtype {idx.dtype}"))
+  outside = idx[(idx < -d_in) | (idx >= d_in)]
+  if outside.size:
+    raise ValueError(diag_checks.BLOCK_INDEX_OUT_OF_RANGE.format(
+        name=name, key=key, index=int(outside[0]), d_in=d_in))
+  rows = idx % d_in
+  unique, counts = np.unique(rows, return_counts=True)
+  if (counts > 1).any():
+    raise ValueError(diag_checks.BLOCK_INDEX_REPEATED.format(
+        name=name, key=key, index=int(unique[counts > 1][0])))
+  return rows

@@ -1,7 +1,10 @@
 """Hessian-vector products and the Krylov iterations of the curvature diagnostics.
 
 Everything works on the params pytree as it is (no flattening, so sharded
-params stay sharded), in (at least) float32, with ``lax.fori_loop`` loops.
+params stay sharded), in the params' precision (at least float32; see
+:mod:`common`), with ``lax.fori_loop`` loops. Every vector is normalized with a
+rescaled norm and every breakdown test is relative, so the iterations do not
+depend on the scale of the Hessian.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_optax._src import numerics
 from sam_optax._src.diagnostics import common
 
 
@@ -24,18 +26,6 @@ def as_key(key):
   if isinstance(key, numbers.Integral) and not isinstance(key, bool):
     return jax.random.key(int(key))
   return key
-
-
-def num_params(params) -> int:
-  """The number of scalars in ``params``: the dimension of the Hessian."""
-  return sum(int(np.prod(jnp.shape(x))) for x in jax.tree.leaves(params))
-
-
-# --- Tree arithmetic in f32. ---------------------------------------------------
-
-def _normalize(tree):
-  """``tree / ‖tree‖₂`` (0 at 0)."""
-  return numerics.tree_scale(tree, numerics.safe_divide(1.0, numerics.tree_norm(tree)))
 
 
 def _explicit_sharding(x):
@@ -68,26 +58,18 @@ def random_like(key, tree, sampler=jax.random.normal):
   return jax.tree.unflatten(treedef, out)
 
 
-def vdot(a, b):
-  """``Σ a·b`` over all leaves, as a product and a sum.
-
-  (A dot product of two sharded vectors is ambiguous on a mesh with explicit
-  axes; an elementwise product followed by a reduction is not.)
-  """
-  return sum((jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))),
-             jnp.zeros((), jnp.float32))
-
-
 def _basis_coeffs(basis, tree):
   """``[⟨b_i, tree⟩]_i`` for a basis stored with a leading axis."""
+  dtype = common.compute_dtype(tree)
   return sum(
-      jnp.sum(b * x[None], axis=tuple(range(1, b.ndim)))
+      jnp.sum(b * x[None], axis=tuple(range(1, b.ndim))).astype(dtype)
       for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(tree)))
 
 
 def basis_combine(coeffs, basis):
   """``Σ_i coeffs_i b_i`` (``coeffs`` may have a trailing axis of outputs)."""
-  return jax.tree.map(lambda b: jnp.tensordot(coeffs, b, axes=(0, 0)), basis)
+  return jax.tree.map(
+      lambda b: jnp.tensordot(coeffs.astype(b.dtype), b, axes=(0, 0)), basis)
 
 
 def _orthogonalize(tree, basis):
@@ -110,63 +92,87 @@ def hvp_fn(f, params):
   return hvp
 
 
+# Lanczos takes β ≤ BREAKDOWN · (largest |α| or β so far) for a breakdown: a
+# tolerance relative to the Hessian's scale, well above the rounding noise left
+# by full reorthogonalization (~ε) and well below any coupling that matters.
+BREAKDOWN_EXPONENT = 0.75  # tolerance ε^0.75: 6e-6 in float32, 2e-12 in float64
+
+
 def lanczos(matvec, params, num_iters, key):
   """Lanczos with full reorthogonalization; returns (T, basis).
 
-  The basis is stored with a leading axis of size ``num_iters``. On a
-  breakdown (the Krylov space is invariant, ``β ≈ 0``) the next vector is a
-  fresh random one orthogonal to the basis and the coupling is 0, so the Ritz
-  values stay eigenvalues of the Hessian (no spurious zeros).
+  The basis is stored with a leading axis of size ``num_iters``; ``T`` has the
+  dtype of :func:`common.compute_dtype`. On a breakdown (the Krylov space is
+  invariant: ``β`` is negligible next to the largest ``|α|`` or ``β`` so far)
+  the next vector is a fresh random one orthogonal to the basis and the
+  coupling is 0, so the Ritz values stay eigenvalues of the Hessian (no
+  spurious zeros). The test is relative and norms are rescaled, so a Hessian
+  multiplied by 1e-30 or 1e30 gives the same basis and a ``T`` multiplied by
+  the same factor.
   """
   k = num_iters
+  dtype = common.compute_dtype(params)
+  tol = float(jnp.finfo(dtype).eps) ** BREAKDOWN_EXPONENT
   start_key, restart_key = jax.random.split(key)
-  v0 = _normalize(random_like(start_key, params))
+  v0 = common.normalize(random_like(start_key, params))
   basis0 = jax.tree.map(
       lambda x: jnp.broadcast_to(jnp.zeros_like(x), (k,) + x.shape), v0)
-  zeros_k = jnp.zeros((k,), jnp.float32)
+  zeros_k = jnp.zeros((k,), dtype)
 
   def body(j, carry):
     basis, alphas, betas, v, v_prev, beta_prev, scale = carry
     basis = jax.tree.map(lambda b, x: b.at[j].set(x), basis, v)
     w = matvec(v)
-    alpha = vdot(v, w)
+    alpha = common.vdot(v, w)
     w = common.axpy(-alpha, v, common.axpy(-beta_prev, v_prev, w))
     w = _orthogonalize(w, basis)
-    beta = numerics.tree_norm(w)
+    beta = common.norm(w)
     scale = jnp.maximum(scale, jnp.maximum(jnp.abs(alpha), beta))
-    breakdown = beta <= 1e-6 * scale
+    breakdown = beta <= tol * scale
 
     def restart(_):
       fresh = random_like(jax.random.fold_in(restart_key, j), params)
-      return _normalize(_orthogonalize(fresh, basis))
+      return common.normalize(_orthogonalize(fresh, basis))
 
     def proceed(_):
-      return numerics.tree_scale(w, numerics.safe_divide(1.0, beta))
+      return common.tree_divide(w, beta)
 
     v_next = jax.lax.cond(breakdown, restart, proceed, None)
-    beta = jnp.where(breakdown, 0.0, beta)
+    beta = jnp.where(breakdown, jnp.zeros_like(beta), beta)
     return (basis, alphas.at[j].set(alpha), betas.at[j].set(beta), v_next, v,
             beta, scale)
 
   init = (basis0, zeros_k, zeros_k, v0, jax.tree.map(jnp.zeros_like, v0),
-          jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+          jnp.zeros((), dtype), jnp.zeros((), dtype))
   basis, alphas, betas, *_ = jax.lax.fori_loop(0, k, body, init)
   off = betas[:-1]
   t = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
   return t, basis
 
 
+def ritz(t):
+  """``eigh(T)``, with ``T`` scaled to a largest entry of 1 for the solver.
+
+  The eigenvalues are scaled back; the eigenvectors do not change.
+  """
+  scale = jnp.max(jnp.abs(t))
+  scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+  vals, vecs = jnp.linalg.eigh(t / scale)
+  return vals * scale, vecs
+
+
 def _power(matvec, params, num_iters, key, shift=0.0):
   """Power iteration on ``H − shift·I``; returns the last Rayleigh quotient."""
-  v = _normalize(random_like(key, params))
+  v = common.normalize(random_like(key, params))
 
   def body(_, carry):
     v, _ = carry
     w = common.axpy(-shift, v, matvec(v))
-    lam = vdot(v, w)
-    return _normalize(w), lam
+    lam = common.vdot(v, w)
+    return common.normalize(w), lam
 
-  _, lam = jax.lax.fori_loop(0, num_iters, body, (v, jnp.zeros((), jnp.float32)))
+  lam0 = jnp.zeros((), common.compute_dtype(params))
+  _, lam = jax.lax.fori_loop(0, num_iters, body, (v, lam0))
   return lam
 
 

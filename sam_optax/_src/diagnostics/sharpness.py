@@ -52,7 +52,9 @@ def m_sharpness(
   ``m`` gives larger values; SAM with ``m`` examples per perturbation
   minimizes this quantity.
 
-  Groups are processed one after another (``lax.map``), each in float32.
+  Groups are processed one after another (``lax.map``), each in the params'
+  precision (at least float32). Gradients are normalized with a rescaled norm,
+  so a gradient of 1e-20 or 1e20 still gives a step of length ρ.
 
   Args:
     loss_fn: ``(params, chunk) -> scalar loss`` (mean over the chunk's
@@ -67,7 +69,8 @@ def m_sharpness(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    :math:`S_m`, a float32 scalar.
+    :math:`S_m`, a scalar of the params' precision (float32; float64 for
+    float64 params).
 
   Examples:
     >>> import jax.numpy as jnp, sam_optax
@@ -94,17 +97,17 @@ def m_sharpness(
   """
   name = common.PREFIX + "m_sharpness"
   diag_checks.check_radius(name, rho)
-  if step_size is not None and (isinstance(step_size, bool)
-                                or diag_checks.not_finite_positive(step_size)):
-    raise ValueError(diag_checks.BAD_STEP_SIZE.format(name=name, step_size=step_size))
+  if step_size is not None:
+    diag_checks.check_positive(diag_checks.BAD_STEP_SIZE, name, "step_size", step_size)
   ascent_steps = diag_checks.check_positive_int(
       name, "ascent_steps", ascent_steps, "is the number of ascent steps per group", 1)
   m = diag_checks.check_group_size(name, m)
   f, params = common.prepare(name, loss_fn, params, has_aux)
   b = diag_checks.whole_batch_size(name, batch, m)
   chunks = groups.split_batch(name, batch, b if m is None else m)
-  rho = jnp.asarray(rho, jnp.float32)
-  eta = rho if step_size is None else jnp.asarray(step_size, jnp.float32)
+  dtype = common.compute_dtype(params)
+  rho = jnp.asarray(rho).astype(dtype)
+  eta = rho if step_size is None else jnp.asarray(step_size).astype(dtype)
   return jax.jit(lambda *args: _m_sharpness(f, *args, ascent_steps))(
       params, chunks, rho, eta)
 
@@ -112,24 +115,27 @@ def m_sharpness(
 def _m_sharpness(f, params, chunks, rho, eta, ascent_steps):
   """The computation of :func:`m_sharpness`."""
   value_and_grad = jax.value_and_grad(f)
+  dtype = rho.dtype
 
   def one_group(chunk):
     loss0, g0 = value_and_grad(params, chunk)
-    loss0 = jnp.asarray(loss0, jnp.float32)
-    eps = numerics.tree_scale(numerics.dual_direction(g0), rho)
+    loss0 = jnp.asarray(loss0).astype(dtype)
+    eps = common.tree_scale(common.normalize(g0), rho)
 
     def body(_, carry):
       eps, best = carry
       loss, g = value_and_grad(numerics.add_perturbation(params, eps), chunk)
-      best = jnp.maximum(best, jnp.asarray(loss, jnp.float32) - loss0)
-      eps = common.axpy(eta, numerics.dual_direction(g), eps)
-      eps = numerics.tree_scale(
-          eps, jnp.minimum(1.0, numerics.safe_divide(rho, numerics.tree_norm(eps))))
+      best = jnp.maximum(best, jnp.asarray(loss).astype(dtype) - loss0)
+      eps = common.axpy(eta, common.normalize(g), eps)
+      # Projection onto the ρ-ball: ε ← ε · min(1, ρ / ‖ε‖).
+      norm = common.norm(eps)
+      eps = common.tree_scale(
+          eps, jnp.where(norm > rho, rho / jnp.maximum(norm, rho), 1.0))
       return eps, best
 
     eps, best = jax.lax.fori_loop(0, ascent_steps - 1, body,
-                                  (eps, jnp.zeros((), jnp.float32)))
-    final = jnp.asarray(f(numerics.add_perturbation(params, eps), chunk), jnp.float32)
+                                  (eps, jnp.zeros((), dtype)))
+    final = jnp.asarray(f(numerics.add_perturbation(params, eps), chunk)).astype(dtype)
     return jnp.maximum(best, final - loss0)
 
   return jnp.mean(jax.lax.map(one_group, chunks))
