@@ -31,7 +31,8 @@ def to_f32(tree):
 def compute_dtype(tree):
   """The dtype of the scalars computed from ``tree``: its widest float (≥ f32)."""
   dtypes = [numerics.f32(x).dtype for x in jax.tree.leaves(tree)]
-  return functools.reduce(jnp.promote_types, dtypes, jnp.dtype(jnp.float32))
+  with jax.numpy_dtype_promotion("standard"):  # f32 with f64 is f64, also when strict
+    return functools.reduce(jnp.promote_types, dtypes, jnp.dtype(jnp.float32))
 
 
 def num_params(params) -> int:

@@ -9,7 +9,6 @@ depend on the scale of the Hessian.
 
 from __future__ import annotations
 
-import functools
 import numbers
 
 import jax
@@ -45,7 +44,7 @@ def random_like(key, tree, sampler=jax.random.normal):
   """
   leaves, treedef = jax.tree.flatten(tree)
   sizes = [int(np.prod(jnp.shape(x))) for x in leaves]
-  dtype = functools.reduce(jnp.promote_types, [x.dtype for x in leaves])
+  dtype = common.compute_dtype(leaves)
   flat = sampler(key, (sum(sizes),), dtype=dtype)
   out, start = [], 0
   for x, size in zip(leaves, sizes):
