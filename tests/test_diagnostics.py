@@ -116,7 +116,8 @@ def test_top_eigenvalue_of_mlp_matches_dense_hessian():
 
 # --- Top-k and trace on a known diagonal Hessian. -----------------------------
 
-DIAG = {"u": jnp.array([[9.0, -1.0], [3.0, 0.5]]), "v": jnp.array([7.0, 5.0, -4.0])}
+DIAG = {"u": jnp.array([[9.0, -1.0], [3.0, 0.5]], jnp.float32),
+        "v": jnp.array([7.0, 5.0, -4.0], jnp.float32)}
 
 
 def _diag_loss(params):
@@ -124,7 +125,7 @@ def _diag_loss(params):
 
 
 def _diag_params():
-  return {"u": jnp.ones((2, 2)), "v": jnp.ones(3)}
+  return {"u": jnp.ones((2, 2), jnp.float32), "v": jnp.ones(3, jnp.float32)}
 
 
 def test_top_k_on_diagonal_hessian():
@@ -302,10 +303,11 @@ def test_m_sharpness_one_step_is_exact_for_a_linear_loss():
     c = [(y[k * mm:(k + 1) * mm, None] * x[k * mm:(k + 1) * mm]).mean(0)
          for k in range(12 // mm)]
     want = 0.2 * np.mean([np.linalg.norm(v) for v in c])
-    got = diagnostics.m_sharpness(loss, jnp.zeros(3), batch, rho=0.2, m=m)
+    got = diagnostics.m_sharpness(loss, jnp.zeros(3, jnp.float32), batch, rho=0.2, m=m)
     np.testing.assert_allclose(float(got), want, rtol=1e-6, atol=1e-7)
   # Smaller groups are sharper (Jensen): the ordering of the paper.
-  vals = [float(diagnostics.m_sharpness(loss, jnp.zeros(3), batch, rho=0.2, m=m))
+  vals = [float(diagnostics.m_sharpness(loss, jnp.zeros(3, jnp.float32), batch,
+                                        rho=0.2, m=m))
           for m in (1, 4, 12)]
   assert vals[0] > vals[1] > vals[2]
 
@@ -316,7 +318,7 @@ def test_m_sharpness_zero_radius_and_zero_gradient():
   assert float(diagnostics.m_sharpness(_sq_loss, jnp.asarray(w, jnp.float32), batch,
                                        rho=0.0, m=2, ascent_steps=3)) == 0.0
   flat = lambda w, chunk: jnp.sum(w) * 0.0 + jnp.mean(chunk[1])
-  got = diagnostics.m_sharpness(flat, jnp.zeros(2), batch, rho=0.5, m=2,
+  got = diagnostics.m_sharpness(flat, jnp.zeros(2, jnp.float32), batch, rho=0.5, m=2,
                                 ascent_steps=3)
   assert float(got) == 0.0
 
@@ -331,7 +333,7 @@ def test_step_statistics_by_hand():
     w = jnp.concatenate([params["x"], params["y"][None]])
     return 0.5 * w @ (jnp.asarray(a, jnp.float32) @ w) + w[0]
 
-  params = {"x": jnp.array([1.0, -2.0]), "y": jnp.array(0.5)}
+  params = {"x": jnp.array([1.0, -2.0], jnp.float32), "y": jnp.array(0.5, jnp.float32)}
   w = np.array([1.0, -2.0, 0.5])
   np_loss = lambda v: 0.5 * v @ a @ v + v[0]
   np_grad = lambda v: a @ v + np.array([1.0, 0.0, 0.0])
@@ -422,8 +424,8 @@ def test_feature_reliance_sees_which_block_is_used():
   rep = lambda w, x: jnp.tanh(x @ w)
   probes = {"easy": (jnp.asarray(easy_only), jnp.asarray(y)),
             "hard": (jnp.asarray(hard_only), jnp.asarray(y))}
-  uses_easy = jnp.diag(jnp.array([1.0, 1.0, 0.0, 0.0]))  # ignores the hard block
-  uses_both = jnp.eye(4)
+  uses_easy = jnp.diag(jnp.array([1.0, 1.0, 0.0, 0.0], jnp.float32))  # ignores the hard block
+  uses_both = jnp.eye(4, dtype=jnp.float32)
   a = diagnostics.feature_reliance(rep, uses_easy, probes)
   b = diagnostics.feature_reliance(rep, uses_both, probes)
   assert float(a["easy"]) > 0.95 and abs(float(a["hard"]) - 0.5) < 0.1
@@ -485,7 +487,8 @@ def test_bad_num_samples_k_method():
 
 def test_bad_params_and_loss():
   with pytest.raises(TypeError, match=r"params leaf .* has dtype int32"):
-    diagnostics.hessian_top_eigenvalue(lambda w: jnp.sum(w ** 2.0), jnp.arange(3))
+    diagnostics.hessian_top_eigenvalue(lambda w: jnp.sum(w ** 2.0),
+                                       jnp.arange(3, dtype=jnp.int32))
   with pytest.raises(ValueError, match=r"`params` has no array leaves"):
     diagnostics.hessian_trace(lambda p: 0.0, {})
   with pytest.raises(ValueError, match=r"must return a scalar loss.*shape \(4,\)"):
@@ -510,19 +513,21 @@ def test_m_not_dividing_batch():
     diagnostics.m_sharpness(CHUNK_LOSS, W, BATCH, rho=0.1, m=0)
   with pytest.raises(ValueError, match=r"ascent_steps=0\)`: ascent_steps is the number"):
     diagnostics.m_sharpness(CHUNK_LOSS, W, BATCH, rho=0.1, m=2, ascent_steps=0)
-  with pytest.raises(ValueError, match=r"step_size=-1.0\)`: the ascent step size"):
-    diagnostics.m_sharpness(CHUNK_LOSS, W, BATCH, rho=0.1, m=2, ascent_steps=2,
-                            step_size=-1.0)
+  for bad in (-1.0, True, float("inf")):
+    with pytest.raises(ValueError, match=rf"step_size={bad}\)`: the ascent step size"):
+      diagnostics.m_sharpness(CHUNK_LOSS, W, BATCH, rho=0.1, m=2, ascent_steps=2,
+                              step_size=bad)
   with pytest.raises(ValueError, match=r"same leading batch axis.*\['5', '6'\]"):
     diagnostics.m_sharpness(CHUNK_LOSS, W, (jnp.ones((6, 4)), jnp.ones(5)), rho=0.1, m=2)
 
 
 def test_bad_probe_input():
-  x = jnp.ones((10, 3))
+  x = jnp.ones((10, 3), jnp.float32)
   with pytest.raises(ValueError, match=r"`labels` must be a 1-D integer array.*float32"):
-    diagnostics.linear_probe_accuracy(x, jnp.ones(10))
-  with pytest.raises(ValueError, match=r"l2=0.0\)`: the relative ridge strength"):
-    diagnostics.linear_probe_accuracy(x, jnp.zeros(10, jnp.int32), l2=0.0)
+    diagnostics.linear_probe_accuracy(x, jnp.ones(10, jnp.float32))
+  for bad in (0.0, True, float("nan"), lambda step: 1e-3):
+    with pytest.raises(ValueError, match=r"l2=.*\)`: the relative ridge strength"):
+      diagnostics.linear_probe_accuracy(x, jnp.zeros(10, jnp.int32), l2=bad)
   with pytest.raises(ValueError, match=r"pass both `test_features` and `test_labels`"):
     diagnostics.linear_probe_accuracy(x, jnp.zeros(10, jnp.int32), test_features=x)
   with pytest.raises(ValueError, match=r"labels are traced.*Pass `num_classes=`"):

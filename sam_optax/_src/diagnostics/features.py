@@ -111,7 +111,7 @@ def linear_probe_accuracy(
 
   Examples:
     >>> import jax, jax.numpy as jnp, sam_optax
-    >>> x = jax.random.normal(jax.random.key(0), (200, 5))
+    >>> x = jax.random.normal(jax.random.key(0), (200, 5), jnp.float32)
     >>> y = (x[:, 0] > 0).astype(jnp.int32)
     >>> acc = sam_optax.diagnostics.linear_probe_accuracy(x[:100], y[:100],
     ...     test_features=x[100:], test_labels=y[100:])
@@ -160,7 +160,7 @@ def _ridge_probe(x, y, xt, yt, l2, c):
     w = jnp.linalg.solve(xc.T @ xc + ridge * jnp.eye(d, dtype=x.dtype), xc.T @ yc)
   else:
     w = xc.T @ jnp.linalg.solve(xc @ xc.T + ridge * jnp.eye(n, dtype=x.dtype), yc)
-  pred = jnp.argmax((xt - mu_x) @ w + mu_y, axis=-1)
+  pred = jnp.argmax((xt - mu_x) @ w + mu_y, axis=-1).astype(yt.dtype)
   accuracy = jnp.mean((pred == yt).astype(jnp.float32))
   # What the eager checks raise for: NaN, not a number that looks measured.
   valid = (jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(xt))
@@ -214,13 +214,13 @@ def feature_reliance(
   Examples:
     >>> import jax, jax.numpy as jnp, sam_optax
     >>> k1, k2 = jax.random.split(jax.random.key(0))
-    >>> y = jax.random.bernoulli(k1, 0.5, (400,)).astype(jnp.int32)
-    >>> noise = jax.random.normal(k2, (400, 2))
+    >>> y = jax.random.bernoulli(k1, jnp.float32(0.5), (400,)).astype(jnp.int32)
+    >>> noise = jax.random.normal(k2, (400, 2), jnp.float32)
     >>> sign = (2 * y - 1)[:, None].astype(jnp.float32)
     >>> easy_only = jnp.concatenate([sign + 0.1 * noise[:, :1], noise[:, 1:]], 1)
     >>> hard_only = jnp.concatenate([noise[:, :1], sign + 0.1 * noise[:, 1:]], 1)
     >>> rep = lambda w, x: jnp.tanh(x @ w)  # a representation that ignores block 2
-    >>> w = jnp.array([[1.0, -1.0], [0.0, 0.0]])
+    >>> w = jnp.array([[1.0, -1.0], [0.0, 0.0]], jnp.float32)
     >>> out = sam_optax.diagnostics.feature_reliance(
     ...     rep, w, {'easy': (easy_only, y), 'hard': (hard_only, y)})
     >>> print({k: '{:.2E}'.format(v) for k, v in out.items()})
