@@ -99,19 +99,29 @@ def max_abs(tree):
       jnp.zeros((), dtype))
 
 
-def norm(tree):
-  """``‖tree‖₂``, rescaled by ``max |tree|`` so that no square under/overflows.
+def _sum_of_squares(tree, dtype):
+  return sum((jnp.sum(jnp.square(x)).astype(dtype) for x in jax.tree.leaves(tree)),
+             jnp.zeros((), dtype))
 
-  ``m √(Σ (x/m)²)`` with ``m = max |x|``: the sum of squares lies in
-  ``[1, size]``, so the norm is accurate for entries anywhere in the dtype's
-  range (``√(Σ x²)`` is 0 below ~1e-19 and inf above ~1e19 in float32).
+
+def norm(tree):
+  """``‖tree‖₂``, accurate for entries anywhere in the dtype's range.
+
+  ``√(Σ x²)`` in one pass when that sum is finite and at least √tiny (tiny the
+  smallest normal number: ~1e-19 in float32), where subnormal squares could
+  only matter for ~1e19 entries. Otherwise (entries below ~1e-19 or above
+  ~1e19 in float32, whose squares under/overflow) ``m √(Σ (x/m)²)`` with
+  ``m = max |x|``, whose sum of squares lies in ``[1, size]``.
   """
   dtype = compute_dtype(tree)
-  big = max_abs(tree)
-  unit = tree_divide(tree, big)
-  squares = sum((jnp.sum(jnp.square(u)).astype(dtype) for u in jax.tree.leaves(unit)),
-                jnp.zeros((), dtype))
-  return big * jnp.sqrt(squares)
+  squares = _sum_of_squares(tree, dtype)
+  in_range = jnp.isfinite(squares) & (squares >= np.sqrt(jnp.finfo(dtype).tiny))
+
+  def rescaled(_):
+    big = max_abs(tree)
+    return big * jnp.sqrt(_sum_of_squares(tree_divide(tree, big), dtype))
+
+  return jax.lax.cond(in_range, lambda _: jnp.sqrt(squares), rescaled, None)
 
 
 def normalize(tree):
