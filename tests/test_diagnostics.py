@@ -493,6 +493,9 @@ def test_bad_params_and_loss():
     diagnostics.hessian_trace(lambda p: 0.0, {})
   with pytest.raises(ValueError, match=r"must return a scalar loss.*shape \(4,\)"):
     diagnostics.hessian_top_eigenvalue(lambda w: w ** 2, W)
+  with pytest.raises(ValueError, match=r"hessian_vector_product`: `vector` must be a "
+                     r"pytree of the same structure as `params`"):
+    diagnostics.hessian_vector_product(Q, W, [W, W])
 
 
 @pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
