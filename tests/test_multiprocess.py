@@ -2,9 +2,11 @@
 
 The test launches two fresh Python processes (their own JAX configuration, not
 this process's 8 devices) that join one JAX cluster on localhost and run SAM
-with ``axis_name`` under ``shard_map`` on the 4-device mesh spanning both.
-Their trajectory must equal the same run in this single process on 4 of its
-devices.
+with ``axis_name`` under ``shard_map`` on the 4-device mesh spanning both, then
+global SAM under ``jit`` with tensor-parallel params on a 2-D mesh ('data'
+across the processes, 'model' within each; each process loads only its rows
+of the batch). Their trajectories must equal the same runs in this single
+process on 4 of its devices, and the 2-D run a float64 numpy reference.
 """
 
 import os
@@ -17,6 +19,7 @@ import jax
 import numpy as np
 
 from tests import _multiprocess_worker as worker
+from tests import helpers
 
 TIMEOUT_S = 50
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +55,9 @@ def test_two_processes_match_single_process(tmp_path):
     # Meanwhile, the reference: one process, 4 of its devices.
     mesh = jax.make_mesh((4,), ("d",), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.devices()[:4])
-    want = worker.run_sam(jax, mesh)
+    want = {f"shard_map/{k}": v for k, v in worker.run_sam(jax, mesh).items()}
+    want.update({f"jit_2d/{k}": v for k, v in
+                 worker.run_sam_2d(jax, worker.mesh_2d(jax, jax.devices()[:4])).items()})
     # Wait for both; stop early if one fails (the other would hang in a
     # collective), and give up after TIMEOUT_S.
     deadline = time.monotonic() + TIMEOUT_S
@@ -84,5 +89,13 @@ def test_two_processes_match_single_process(tmp_path):
     assert set(got) == set(want)
     for k in want:
       np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=0, err_msg=k)
-  # The run trained: the loss went down over the 20 steps.
-  assert want["losses"][-1] < want["losses"][0]
+  # The runs trained: the loss went down over the 20 steps.
+  for run in ("shard_map", "jit_2d"):
+    assert want[f"{run}/losses"][-1] < want[f"{run}/losses"][0]
+  # The 2-D run is global SAM (one ε for the whole batch), as in float64 numpy.
+  x, y = helpers.mlp_batch(n=worker.BATCH)
+  ref = helpers.np_sam_sgd_trajectory(helpers.mlp_params(), x, y, rho=0.05, lr=0.1,
+                                      momentum=0.9, steps=worker.STEPS)[-1]
+  for i, leaf in enumerate(jax.tree.leaves(ref)):
+    np.testing.assert_allclose(want[f"jit_2d/leaf{i}"], leaf, atol=2e-6, rtol=0,
+                               err_msg=f"leaf{i}")
