@@ -198,3 +198,26 @@ def test_models_are_defined_once():
   params = net.init(jax.random.PRNGKey(0))
   assert [p["w"].shape for p in params] == [(64, 16), (16, 10)]
   assert net.apply(params, jnp.ones((3, 64))).shape == (3, 10)
+
+
+def test_pod_quick_writes_table_csv_and_plot(tmp_path):
+  """The pod table at smoke size: every layout under jit and data parallel
+  under shard_map; SAM's collectives carry the hand-written step's bytes
+  plus scalars, and the two steps agree."""
+  from benchmarks import pod  # pylint: disable=import-outside-toplevel
+  rows = pod.main(["--quick", "--out", str(tmp_path / "pod.md")])
+  text = (tmp_path / "pod.md").read_text()
+  for mode, layout in [("jit", "data parallel"), ("jit", "FSDP"), ("jit", "tensor parallel"),
+                       ("jit", "hybrid (FSDP in 'model')"), ("shard_map", "data parallel")]:
+    assert f"| {mode} | {layout} | sam |" in text, (mode, layout)
+  assert "CPU cores" in text and "Plot: `pod.png`" in text
+  csv = (tmp_path / "pod.csv").read_text().splitlines()
+  assert csv[0].startswith("mode,layout,step,collective_ops,collectives,collective_bytes")
+  assert len(csv) == 1 + 5 * 3
+  assert (tmp_path / "pod.png").stat().st_size > 0
+  for r in rows:
+    if r["step"] == "sam":
+      hand = next(h for h in rows if h["step"] == "hand_sam"
+                  and (h["mode"], h["layout"]) == (r["mode"], r["layout"]))
+      assert 0 <= r["collective_bytes"] - hand["collective_bytes"] <= 256, (r, hand)
+      assert r["sam_vs_hand_sam_max_abs_diff"] < 1e-5, r
