@@ -18,7 +18,6 @@ today (one ε per host; per-replica ε with FSDP params gathered first) pass.
 """
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,6 @@ from jax.sharding import PartitionSpec as P
 
 import sam_optax
 from benchmarks import pod
-from benchmarks.harness import methods as bench_methods
 from tests import helpers
 
 LR, MOMENTUM, STEPS = 0.1, 0.9, 3
@@ -292,7 +290,7 @@ def test_collective_parser_reads_ops_shapes_and_bytes():
       "  %p = f32[4,8]{1,0} parameter(0)",
       "  %s = bf16[] parameter(1)",
       "  %ag = f32[16,8]{1,0} all-gather(%p), channel_id=1, dimensions={0}",
-      "  %ar = (f32[4,8]{1,0}, bf16[]) all-reduce(%p, %s), channel_id=2, to_apply=%add",
+      "  %ar = (f32[4,8]{1,0}, /*index=1*/bf16[]) all-reduce(%p, /*index=1*/%s), to_apply=%add",
       "  %rs-start = ((f32[4,8]{1,0}), f32[1,8]{1,0}) reduce-scatter-start(%p), channel_id=3",
       "  %rs-done = f32[1,8]{1,0} reduce-scatter-done(%rs-start)",
       "  ROOT %cp = f32[4,8]{1,0} collective-permute(%p), source_target_pairs={{0,1}}",
@@ -302,6 +300,8 @@ def test_collective_parser_reads_ops_shapes_and_bytes():
                                      "collective-permute"]
   assert [op.operand_bytes for op in ops] == [128, 130, 128, 128]
   assert ops[1].operand_shapes == ("f32[4,8]", "bf16[]")
+  with pytest.raises(ValueError, match="cannot read the operands of this all-reduce op"):
+    pod.collective_ops("  %ar = f32[2]{0} all-reduce(%undefined), to_apply=%add")
 
 
 # --- (d) inside shard_map: sharding-aware norms (the target) ----------------------

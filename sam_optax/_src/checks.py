@@ -2,7 +2,10 @@
 
 Each message says the call, what is wrong, why, and the exact fix. Knobs are
 checked once, at construction, when concrete (``inject_hyperparams`` passes
-arrays, which pass unchecked); an ``update`` call is checked at trace time.
+arrays, which pass unchecked); ρ given as a JAX array is checked when the
+state is built (``init``), since ``inject_hyperparams`` also passes its
+run-time ρ to the factory. An ``update`` call (its arguments, the state's
+shapes, ``mask=`` and ``rho_scale=``) is checked at trace time.
 """
 
 from __future__ import annotations
@@ -25,6 +28,16 @@ MISSING_LOSS_FN = (
     "call `tx.update(grads, state, params, loss_fn=loss_fn)` where "
     "`loss_fn(params)` returns the scalar loss of the current batch{aux_hint}."
 )
+
+
+class MissingLossFnError(TypeError):
+  """``update`` of a transform that needs ``loss_fn`` was called without it.
+
+  Adapters (the Flax train states and optimizer) catch it to restate the fix in
+  their own call; a transform that needs no ``loss_fn`` (MSAM) never raises it.
+  """
+
+
 MISSING_PARAMS = (
     "`{name}.update` needs `params` (received None): the perturbation is "
     "applied to the current params. Call `tx.update(grads, state, params, "
@@ -36,10 +49,12 @@ TREE_MISMATCH = (
     "with respect to exactly the params given to `update`."
 )
 NON_FLOAT_PARAMS = (
-    "`{name}`: params leaf {path} has dtype {dtype}; sharpness-aware methods "
-    "perturb every param, so params must be floating point. Keep integer "
-    "state (counters, indices) out of the params tree, or wrap the "
-    "transform in `optax.masked` to skip those leaves."
+    "`{name}`: params leaf {path} has dtype {dtype}; params must be floating "
+    "point: the perturbed pass differentiates `loss_fn` with respect to every "
+    "params leaf (as `jax.grad` does, which rejects integer inputs), so "
+    "neither `mask=` nor `optax.masked` can exclude an integer leaf. Keep "
+    "integer state (counters, indices) out of the params tree: pass it to "
+    "`loss_fn` by closure or with the batch."
 )
 LOSS_RETURNED_TUPLE = (
     "`{name}`: `loss_fn` returned a {kind} of length {n}, but `has_aux=False`. "
@@ -65,6 +80,16 @@ BAD_RHO = (
     "`{name}(rho={rho!r})`: ρ must be a finite number ≥ 0 (or an optax "
     "schedule). Use `rho=0.05` for plain SAM; `rho=0` gives the base optimizer."
 )
+RHO_NOT_A_NUMBER = (
+    "`{name}(rho={rho!r})`: ρ must be a float (or a scalar array, or an optax "
+    "schedule `count -> ρ`), got {kind}. A value read from a config file "
+    "arrives as a string: convert it, `rho=float(value)`."
+)
+KNOB_NOT_A_NUMBER = (
+    "`{name}({arg}={value!r})`: {arg} must be a number, got {kind}. A value "
+    "read from a config file arrives as a string: convert it, "
+    "`{arg}=float(value)`."
+)
 BAD_P = (
     "`{name}(p={p!r})`: the perturbation norm p must be > 1 (for example "
     "`p=2`, the default, or `p=float('inf')`); p = 1 has no well-defined "
@@ -89,7 +114,8 @@ INSIDE_OPTAX_MASKED = (
     "`{name}` inside `optax.masked`: the masked wrapper hands the transform "
     "only part of the params, but `loss_fn` needs all of them. To perturb "
     "only some leaves, use the transform's own option instead: "
-    "`{name}(..., mask=mask)`."
+    "`{name}(..., mask=mask)`. (Integer leaves cannot be masked out either "
+    "way: keep them out of the params tree.)"
 )
 
 GRADS_NOT_PER_DEVICE = (
@@ -182,6 +208,53 @@ LEAFWISE_MISMATCH = (
     "tree (params: {params}; {arg}: {tree}). Give {what} per params leaf, or a "
     "callable `params -> {arg}`."
 )
+MASK_SELECTS_NOTHING = (
+    "`{name}(..., mask=...)`: the mask selects no params leaf (every leaf is "
+    "False), so ε would be 0 and every step would be the base optimizer's "
+    "at twice the cost. Select at least one leaf{hint}."
+)
+NORMALIZATION_MASK_HINT = (
+    ": `sam_optax.normalization_params_mask` marks a leaf when a module name "
+    "in its path (dict keys, attribute names, and the parts of a flat key "
+    "such as 'h.0.ln_1.weight', split at '.' and '/') contains 'norm' or is "
+    "bn/ln/gn with an optional index or suffix. Name your normalization "
+    "layers so, or build the mask with `sam_optax.path_mask(lambda path, "
+    "leaf: ...)`"
+)
+MASK_LEAF_NOT_BOOL = (
+    "`{name}(..., mask=...)`: mask leaf {path} is {got}; `mask` takes one "
+    "bool per params leaf (True: perturb that leaf, False: leave it "
+    "unperturbed). {fix}"
+)
+MASK_LEAF_ARRAY_FIX = (
+    "A mask selects whole leaves: to perturb part of a leaf, split that "
+    "leaf into two params leaves."
+)
+MASK_LEAF_TRACED_FIX = (
+    "The mask must be known when the step is traced (it selects the "
+    "computation): decide it from the params' paths, shapes and dtypes, not "
+    "from their values."
+)
+MASK_CALLABLE_FAILED = (
+    "`{name}(..., mask=<callable>)`: the mask callable raised {error} when "
+    "called on the params' shapes and dtypes. A mask callable receives the "
+    "params tree with `jax.ShapeDtypeStruct` leaves (`.shape`, `.ndim`, "
+    "`.dtype`; paths via `sam_optax.path_mask`), not their values, so that "
+    "the same leaves are perturbed at every step, eagerly and under `jit`. "
+    "Decide from paths, shapes and dtypes (the original error is chained "
+    "below)."
+)
+STATE_MISMATCH = (
+    "`{name}.update`: the optimizer state does not match `params` "
+    "({detail}). The state was built by `tx.init` for other params; build "
+    "it for the params you pass to `update`: `state = tx.init(params)`."
+)
+REMOVE_PERTURBATION_MISMATCH = (
+    "`sam_optax.remove_perturbation`: `params` do not match the `msam` state "
+    "in `opt_state` ({detail}). Pass the params of the training loop that "
+    "made `opt_state` (the tree given to `tx.init`, as returned by "
+    "`optax.apply_updates`)."
+)
 BAD_RHO_SCALE = (
     "`{name}(..., rho_scale=...)`: leaf {path} is {leaf!r}; per-leaf ρ "
     "multipliers must be finite numbers ≥ 0 (0 leaves that leaf unperturbed, 1 "
@@ -243,12 +316,55 @@ REMOVE_PERTURBATION_NOT_ONE = (
 _NUMBER = (numbers.Real, np.ndarray, np.generic)  # concrete, checkable
 
 
+def concrete(x) -> Optional[np.ndarray]:
+  """``x`` as a numpy array if its value is known now; ``None`` if traced."""
+  if isinstance(x, jax.Array):
+    try:
+      return np.asarray(x)
+    except jax.errors.JAXTypeError:  # a tracer: known only at run time
+      return None
+  return np.asarray(x)
+
+
+def _kind(value) -> str:
+  return f"a {type(value).__name__}"
+
+
 def check_rho(name: str, rho) -> None:
-  """ρ: a finite number ≥ 0, or a schedule / array (checked at run time)."""
-  if callable(rho) or not isinstance(rho, _NUMBER):
+  """ρ at construction: a schedule, or a number / scalar array.
+
+  Python and NumPy numbers are checked here (finite, ≥ 0); any array must be
+  a real scalar. The value of a JAX array is checked by
+  :func:`check_rho_array` when the state is built (``init``), not here:
+  ``optax.inject_hyperparams`` calls the factory at every step with the
+  run-time ρ as an array, which is clamped at 0 as documented.
+  """
+  if callable(rho):
     return
-  v = float(np.asarray(rho))
-  if isinstance(rho, bool) or not math.isfinite(v) or v < 0:
+  if isinstance(rho, bool) or not isinstance(rho, _NUMBER + (jax.Array,)):
+    raise TypeError(RHO_NOT_A_NUMBER.format(name=name, rho=rho,
+                                            kind=_kind(rho)))
+  if np.ndim(rho) != 0:
+    raise ValueError(KNOB_NOT_SCALAR.format(name=name, arg="rho",
+                                            shape=np.shape(rho)))
+  dtype = jnp.result_type(rho)
+  if dtype == jnp.bool_ or not (jnp.issubdtype(dtype, jnp.integer)
+                                or jnp.issubdtype(dtype, jnp.floating)):
+    raise TypeError(RHO_NOT_A_NUMBER.format(
+        name=name, rho=rho, kind=f"an array of dtype {dtype}"))
+  if not isinstance(rho, jax.Array):
+    check_rho_array(name, rho)
+
+
+def check_rho_array(name: str, rho) -> None:
+  """A concrete ρ (a number or array known now) is finite and ≥ 0."""
+  if callable(rho):
+    return
+  v = concrete(rho)
+  if v is None:
+    return
+  v = float(v)
+  if not math.isfinite(v) or v < 0:
     raise ValueError(BAD_RHO.format(name=name, rho=rho))
 
 
@@ -260,6 +376,9 @@ def check_range(name: str, arg: str, value: Any, *, low: float = 0.0,
     raise TypeError(KNOB_IS_CALLABLE.format(name=name, arg=arg))
   if isinstance(value, bool):
     raise TypeError(KNOB_IS_BOOL.format(name=name, arg=arg, value=value))
+  if isinstance(value, (str, bytes)):
+    raise TypeError(KNOB_NOT_A_NUMBER.format(name=name, arg=arg, value=value,
+                                             kind=_kind(value)))
   if not isinstance(value, _NUMBER):
     return
   if np.ndim(value) != 0:
@@ -316,14 +435,23 @@ def check_choice(template: str, value, choices, **fields) -> str:
 
 
 def check_rho_scale(name: str, rho_scale) -> None:
-  """Raises for concrete negative or non-finite per-leaf ρ multipliers."""
+  """Raises for concrete negative or non-finite per-leaf ρ multipliers.
+
+  Concrete leaves (numbers, NumPy and JAX arrays known now) are checked;
+  traced ones are used as given.
+  """
   if rho_scale is None or callable(rho_scale):
     return
   for path, leaf in jax.tree_util.tree_leaves_with_path(rho_scale):
-    if not isinstance(leaf, _NUMBER):
-      continue  # arrays (possibly traced) are used as given
-    v = np.asarray(leaf, np.float64)
-    if isinstance(leaf, bool) or not np.all(np.isfinite(v)) or np.any(v < 0):
+    bad = isinstance(leaf, (bool, str, bytes))
+    if not bad and isinstance(leaf, _NUMBER + (jax.Array,)):
+      v = concrete(leaf)
+      if v is None:
+        continue
+      v = v.astype(np.float64) if v.dtype != np.bool_ else v
+      bad = (v.dtype == np.bool_ or not np.all(np.isfinite(v))
+             or np.any(v < 0))
+    if bad:
       raise ValueError(BAD_RHO_SCALE.format(
           name=name, path=jax.tree_util.keystr(path), leaf=leaf))
 
@@ -428,6 +556,99 @@ def resolve_leafwise(name: str, arg: str, value, params, what: str):
   return tree
 
 
+def abstract(tree):
+  """``tree`` with ``jax.ShapeDtypeStruct`` leaves: shapes and dtypes only."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+  text = str(error).strip().splitlines()
+  text = text[0] if text else ""
+  text = text if len(text) <= limit else text[:limit] + "..."
+  return f"{type(error).__name__}({text!r})"
+
+
+def _mask_leaf(name: str, path, leaf) -> bool:
+  """One mask leaf as a Python bool, or a clear error naming ``mask``."""
+  if isinstance(leaf, (bool, np.bool_)):
+    return bool(leaf)
+  where = jax.tree_util.keystr(path) or "<root>"
+  if isinstance(leaf, (np.ndarray, jax.Array)):
+    if np.ndim(leaf) == 0 and jnp.result_type(leaf) == jnp.bool_:
+      v = concrete(leaf)
+      if v is not None:
+        return bool(v)
+      got, fix = "a traced bool", MASK_LEAF_TRACED_FIX
+    else:
+      got = f"an array of shape {np.shape(leaf)} and dtype {jnp.result_type(leaf)}"
+      fix = MASK_LEAF_ARRAY_FIX if np.ndim(leaf) else ""
+  elif isinstance(leaf, (tuple, list, dict)):
+    got, fix = (f"a {type(leaf).__name__} {leaf!r}",
+                "A container is not a bool: give one bool for the whole leaf.")
+  else:
+    got, fix = f"{leaf!r} (a {type(leaf).__name__})", ""
+  raise ValueError(MASK_LEAF_NOT_BOOL.format(name=name, path=where, got=got,
+                                             fix=fix).rstrip())
+
+
+def resolve_mask(name: str, mask, params, *, empty_hint: str = ""):
+  """``mask=`` as a tree of Python bools like ``params`` (``None``: no mask).
+
+  A callable is called on the params' shapes and dtypes (:func:`abstract`),
+  so that it selects the same leaves eagerly and under ``jit``. Raises for a
+  mask leaf that is not one concrete bool, and for a mask that selects no
+  leaf (``empty_hint`` completes that message).
+  """
+  if mask is None:
+    return None
+  if callable(mask):
+    try:
+      tree = mask(abstract(params))
+    except Exception as e:  # the user's callable, shown with its own error
+      raise TypeError(MASK_CALLABLE_FAILED.format(
+          name=name, error=_first_line(e))) from e
+  else:
+    tree = mask
+  treedef = jax.tree.structure(params)
+  try:
+    subtrees = treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(LEAFWISE_MISMATCH.format(
+        name=name, arg="mask", what="one bool", params=treedef,
+        tree=jax.tree.structure(tree))) from e
+  paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  keep = [_mask_leaf(name, path, leaf) for path, leaf in zip(paths, subtrees)]
+  if keep and not any(keep):
+    raise ValueError(MASK_SELECTS_NOTHING.format(name=name, hint=empty_hint))
+  return jax.tree.unflatten(treedef, keep)
+
+
+def tree_mismatch(got, want, got_name: str, want_name: str) -> Optional[str]:
+  """Where ``got`` differs from ``want`` in tree or leaf shapes; None if not."""
+  got_def, want_def = jax.tree.structure(got), jax.tree.structure(want)
+  if got_def != want_def:
+    return f"{got_name} tree {got_def}; {want_name} tree {want_def}"
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got),
+                          jax.tree.leaves(want)):
+    if tuple(jnp.shape(a)) != tuple(jnp.shape(b)):
+      return (f"{got_name} leaf {jax.tree_util.keystr(path) or '<root>'} has "
+              f"shape {tuple(jnp.shape(a))}, {want_name} {tuple(jnp.shape(b))}")
+  return None
+
+
+def check_state_like(name: str, state, want) -> None:
+  """``state`` has the tree and leaf shapes of ``want`` (trace time only)."""
+  detail = tree_mismatch(state, want, "state", "these params give")
+  if detail is not None:
+    raise ValueError(STATE_MISMATCH.format(name=name, detail=detail))
+
+
+def check_state_matches(name: str, init: Callable, state, params) -> None:
+  """``state`` is shaped like ``init(params)`` (abstractly: nothing runs)."""
+  check_state_like(name, state, jax.eval_shape(init, params))
+
+
 # --- An `update` call. ------------------------------------------------------------
 
 def check_update_call(name: str, *, updates, params, loss_fn, has_aux: bool,
@@ -440,7 +661,8 @@ def check_update_call(name: str, *, updates, params, loss_fn, has_aux: bool,
     hint = "; with `has_aux=True` it returns `(loss, aux)`" if has_aux else ""
     if m is not None:
       hint += " (with `m=`, `loss_fn(params, chunk)` and `batch=` are needed)"
-    raise TypeError(MISSING_LOSS_FN.format(name=name, aux_hint=hint))
+    raise MissingLossFnError(MISSING_LOSS_FN.format(name=name,
+                                                    aux_hint=hint))
   if params is None:
     raise ValueError(MISSING_PARAMS.format(name=name))
   if any(isinstance(x, optax.MaskedNode) for x in jax.tree.leaves(

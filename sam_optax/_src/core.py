@@ -49,6 +49,28 @@ def block(rule: base.PerturbationRule, rho, name: str, options: Options):
   return sharpness_aware_transform(rule, rho, name=name, **options._asdict())
 
 
+# Keyword arguments of a block's `update` that are the block's own.
+_OWN_ARGS = ("loss_fn", "batch", "group_grads")
+
+
+def with_base(sharpness_aware_block, base_optimizer):
+  """``optax.chain(block, base_optimizer)``, the base without the block's args.
+
+  The base optimizer receives every other keyword argument (``value=``, and
+  ``grad=``/``value_fn=`` for ``optax.lbfgs``) but not ``loss_fn``, ``batch``
+  or ``group_grads``, which optimizers that check their keyword arguments
+  (L-BFGS's line search) reject. The state is the chain's.
+  """
+  base_optimizer = optax.with_extra_args_support(base_optimizer)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    extra_args = {k: v for k, v in extra_args.items() if k not in _OWN_ARGS}
+    return base_optimizer.update(updates, state, params, **extra_args)
+
+  return optax.chain(sharpness_aware_block, optax.GradientTransformationExtraArgs(
+      base_optimizer.init, update_fn))
+
+
 def resolve_rho(rho: ScalarOrSchedule, count) -> jax.Array:
   """ρ at step ``count`` as a float32 scalar, clamped at 0 (NaN → 0)."""
   value = rho(count) if callable(rho) else rho
@@ -188,6 +210,7 @@ def sharpness_aware_transform(
 
   def init_fn(params):
     checks.check_float_params(name, params)
+    checks.check_rho_array(name, rho)  # a JAX array's ρ, once known
     return base.SharpnessAwareState(
         count=jnp.zeros([], jnp.int32), rule_state=rule.init(params),
         info=base.SAMInfo.empty())
@@ -198,6 +221,7 @@ def sharpness_aware_transform(
     # 1. Check the call.
     checks.check_update_call(name, updates=updates, params=params,
                              loss_fn=loss_fn, has_aux=has_aux, m=m, value=value)
+    checks.check_state_matches(name, rule.init, state.rule_state, params)
     placement.check_call(updates, params, batch, group_grads)
     step = _Step(
         grads=updates, params=params,

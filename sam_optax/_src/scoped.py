@@ -2,7 +2,8 @@
 
 Every sharpness-aware transform takes ``mask=`` (perturb only the leaves
 marked True; ε is normalized over them alone) and ``rho_scale=`` (per-leaf ρ).
-Both accept a pytree like params or a callable ``params -> pytree``. A
+Both accept a pytree like params or a callable ``params -> pytree`` (for
+``mask``, called on the params' shapes and dtypes, not their values). A
 :class:`Scope` owns them for the core: it restricts the gradient to the masked
 leaves and turns the rule's unit direction into ε. This module also builds
 mask callables from the params' paths.
@@ -40,11 +41,19 @@ class Scope(NamedTuple):
 
   @classmethod
   def resolve(cls, name: str, params, *, mask=None, rho_scale=None) -> "Scope":
-    """Resolves callables ``params -> pytree`` and checks the tree shapes."""
-    return cls(
-        mask=checks.resolve_leafwise(name, "mask", mask, params, "one bool"),
-        rho_scale=checks.resolve_leafwise(name, "rho_scale", rho_scale, params,
-                                          "one number"))
+    """Resolves callables ``params -> pytree`` and checks the trees.
+
+    A mask callable sees the params' shapes and dtypes only (the same leaves
+    eagerly and under ``jit``); every mask leaf must be one bool, and at
+    least one must be True. Concrete ``rho_scale`` leaves must be ≥ 0.
+    """
+    hint = (checks.NORMALIZATION_MASK_HINT
+            if mask is normalization_params_mask else "")
+    rho_scale = checks.resolve_leafwise(name, "rho_scale", rho_scale, params,
+                                        "one number")
+    checks.check_rho_scale(name, rho_scale)
+    return cls(mask=checks.resolve_mask(name, mask, params, empty_hint=hint),
+               rho_scale=rho_scale)
 
   def restrict(self, tree):
     """``tree`` with the leaves outside the mask set to zero."""
@@ -87,7 +96,10 @@ def path_mask(predicate: Callable[[Path, Any], bool]) -> Callable[[Any], Any]:
 
   ``predicate(path, leaf)`` receives the leaf's path as a tuple of strings
   (dict keys, attribute names and sequence indices, outermost first) and the
-  leaf, and returns a bool (or, for ``rho_scale``, a number).
+  leaf, and returns a bool (or, for ``rho_scale``, a number). As ``mask=``,
+  the transform calls it on the params' shapes and dtypes: ``leaf`` is then a
+  ``jax.ShapeDtypeStruct`` (``.shape``, ``.ndim``, ``.dtype``), not an array,
+  so that the mask is the same at every step, eagerly and under ``jit``.
 
   Examples:
     >>> import jax.numpy as jnp, sam_optax
@@ -112,9 +124,14 @@ def path_mask(predicate: Callable[[Path, Any], bool]) -> Callable[[Any], Any]:
   return mask_fn
 
 
+# Separators inside one flat key ("h.0.ln_1.weight", "encoder/LayerNorm/scale").
+_KEY_SEPARATORS = re.compile(r"[./]")
+
+
 def _is_normalization_path(path: Path, leaf) -> bool:
   del leaf
-  return any(_NORM_COMPONENT.search(part) for part in path[:-1])
+  parts = [part for key in path for part in _KEY_SEPARATORS.split(key)]
+  return any(_NORM_COMPONENT.search(part) for part in parts[:-1])
 
 
 def normalization_params_mask(params) -> Any:
@@ -134,8 +151,11 @@ def normalization_params_mask(params) -> Any:
   the last) contains ``norm`` (``BatchNorm_0``, ``LayerNorm_1``, ``GroupNorm``,
   ``RMSNorm``, ``final_norm``, ``norm1``, ...; case-insensitive) or is one of
   the short names ``bn``, ``ln``, ``gn`` with an optional index or suffix
-  (``bn1``, ``bn_2``, ``ln_f``). This covers Flax Linen and NNX naming; for
-  other names build a mask with :func:`sam_optax.path_mask`.
+  (``bn1``, ``bn_2``, ``ln_f``). Flat keys are split at ``.`` and ``/`` first,
+  so a dict converted from PyTorch (``{'h.0.ln_1.weight': ...}``) is read as
+  the path ``h, 0, ln_1, weight``. This covers Flax Linen, NNX and PyTorch
+  naming; for other names build a mask with :func:`sam_optax.path_mask`. A
+  transform refuses a mask that selects no leaf (a model without such names).
 
   Examples:
     >>> import jax.numpy as jnp, optax, sam_optax

@@ -9,6 +9,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from sam_optax._src import checks
 from sam_optax.flax import _common as common
 
 # --- Error messages (asserted by the tests). --------------------------------
@@ -72,21 +73,26 @@ def _sam_apply(state, *, cls, grads, loss_fn, value, replace, extra_args,
       raise ValueError(REPLACE_RESERVED.format(
           cls=cls, quoted=", ".join(f"`{k}`" for k in clashes),
           them=", ".join(f"`{k}`" for k in reserved), hint=reserved_hint))
-  if loss_fn is None:
+  if (isinstance(grads, Mapping)
+      and train_state.OVERWRITE_WITH_GRADIENT in grads):
+    raise ValueError(OVERWRITE_WITH_GRADIENT_UNSUPPORTED.format(cls=cls))
+  if value is not None:
+    extra_args = dict(extra_args, value=value)
+  if loss_fn is not None:
+    extra_args = dict(extra_args, loss_fn=loss_fn)
+  try:
+    updates, new_opt_state = state.tx.update(
+        grads, state.opt_state, state.params, **extra_args)
+  except checks.MissingLossFnError:
+    # The transform needs `loss_fn` (every method but MSAM): say it here.
     bn = isinstance(state, SAMTrainStateWithBatchStats)
     raise TypeError(common.MISSING_LOSS_FN.format(
         call=f"{cls}.apply_gradients",
         example=("state.apply_gradients(grads=grads, loss_fn=loss_fn"
                  + (", batch_stats=updates['batch_stats'])" if bn else ")")),
         signature="`loss_fn(params)`",
-        aux=(" and the updated statistics, `(loss, updates)`" if bn else "")))
-  if (isinstance(grads, Mapping)
-      and train_state.OVERWRITE_WITH_GRADIENT in grads):
-    raise ValueError(OVERWRITE_WITH_GRADIENT_UNSUPPORTED.format(cls=cls))
-  if value is not None:
-    extra_args = dict(extra_args, value=value)
-  updates, new_opt_state = state.tx.update(
-      grads, state.opt_state, state.params, loss_fn=loss_fn, **extra_args)
+        aux=(" and the updated statistics, `(loss, updates)`" if bn else ""))
+    ) from None
   return optax.apply_updates(state.params, updates), new_opt_state
 
 
@@ -150,7 +156,8 @@ class SAMTrainState(train_state.TrainState):
       grads: the gradient of ``loss_fn`` at ``self.params`` (same tree).
       loss_fn: ``params -> loss`` (or ``(loss, aux)`` if the transform was
         built with ``has_aux=True``) on the current batch; the transform calls
-        it at the perturbed params. Required.
+        it at the perturbed params. Required by every transform that makes a
+        second pass (all but :func:`sam_optax.msam`, which needs none).
       value: optional unperturbed loss ``L(w)``, forwarded as ``value=`` (it
         gives :attr:`sam_optax.SAMInfo.sharpness`).
       replace: optional mapping of other dataclass fields to new values, as
@@ -251,7 +258,8 @@ class SAMTrainStateWithBatchStats(SAMTrainState):
       grads: the gradient of ``loss_fn`` at ``self.params``.
       loss_fn: ``params -> (loss, updates)`` with ``updates['batch_stats']``
         (or ``(loss, (updates, ...))``), run in train mode on the current
-        batch. Required.
+        batch. Required, except with :func:`sam_optax.msam` (no second
+        pass).
       batch_stats: the statistics of your unperturbed pass,
         ``updates['batch_stats']``. Required.
       value, replace, **extra_args: as in :meth:`SAMTrainState.apply_gradients`
@@ -263,7 +271,7 @@ class SAMTrainStateWithBatchStats(SAMTrainState):
     cls = type(self).__name__
     common.check_policy(f"{cls}.create", "bn_stats", self.bn_stats,
                         common.BN_STATS_POLICIES, common.BN_EXPLAIN)
-    if loss_fn is not None and batch_stats is None:
+    if batch_stats is None:  # also without loss_fn (MSAM): the state keeps them
       raise TypeError(MISSING_BATCH_STATS)
     refs = None
     if loss_fn is not None:

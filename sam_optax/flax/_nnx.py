@@ -6,9 +6,27 @@ from typing import Callable, Optional
 
 import jax
 import optax
+from flax import errors as flax_errors
 from flax import nnx
 
+from sam_optax._src import checks
 from sam_optax.flax import _common as common
+
+# --- Error messages (asserted by the tests). --------------------------------
+
+OUTSIDE_STATE_IN_LOSS = (
+    "`SAMOptimizer.update(loss_fn=...)`: `loss_fn` changed NNX state that is "
+    "not part of the model it receives ({error}). The transform evaluates "
+    "`loss_fn` at the perturbed params inside its own `jax.value_and_grad`, "
+    "where state from outside (typically an `nnx.Rngs` passed at call time, "
+    "`layer(x, rngs=rngs)`, or the model closed over instead of the "
+    "argument) cannot be changed. Either keep the random streams in the "
+    "model (`nnx.Dropout(rate, rngs=rngs)` at construction), whose keys "
+    "`SAMOptimizer(..., second_pass_rng='same' | 'fresh')` handles, or pass "
+    "a key drawn once per step outside `loss_fn` (`key = rngs.dropout()`, "
+    "then `layer(x, rngs=key)`): both passes then use the same dropout mask. "
+    "Use the model that `loss_fn` receives, not a closed-over one."
+)
 
 
 def _set_values(variables, values):
@@ -105,17 +123,16 @@ class SAMOptimizer(nnx.Optimizer):
         filtered like ``wrt``).
       loss_fn: ``model -> loss`` (or ``(loss, aux)`` if the transform was
         built with ``has_aux=True``) on the current batch, as you
-        differentiated it. Required.
+        differentiated it. Required by every transform that makes a second
+        pass (all but :func:`sam_optax.msam`). It must use the model it
+        receives, and random streams stored in that model (or a key), not an
+        ``nnx.Rngs`` passed at call time: the transform calls it inside its
+        own ``jax.value_and_grad``, where outside NNX state cannot change.
       **kwargs: forwarded to ``tx.update`` (``value=``, ``batch=``, ...).
 
     Returns:
       The updates applied to the ``wrt`` params.
     """
-    if loss_fn is None:
-      raise TypeError(common.MISSING_LOSS_FN.format(
-          call="SAMOptimizer.update",
-          example="optimizer.update(model, grads, loss_fn=loss_fn)",
-          signature="`loss_fn(model)`", aux=""))
     graph = self.graph
     graphdef, params, counts, rest = nnx.split(
         model, self.wrt, nnx.RngCount, ..., graph=graph)
@@ -135,7 +152,11 @@ class SAMOptimizer(nnx.Optimizer):
 
     def model_loss(p, *args):
       copy = nnx.merge(graphdef, p, counts_in, rest_arrays)
-      out = loss_fn(copy, *args)
+      try:
+        out = loss_fn(copy, *args)
+      except flax_errors.TraceContextError as e:
+        raise ValueError(OUTSIDE_STATE_IN_LOSS.format(
+            error=f"TraceContextError: {str(e).splitlines()[0]}")) from e
       if stat_refs is not None:
         common.write_refs(stat_refs,
                     nnx.as_pure(nnx.state(copy, nnx.BatchStat, graph=graph)),
@@ -148,9 +169,17 @@ class SAMOptimizer(nnx.Optimizer):
                     value=self.second_pass_rng, default="same")
       return out
 
-    updates, new_opt_state = self.tx.update(
-        grad_arrays, opt_state_arrays, param_arrays, loss_fn=model_loss,
-        **kwargs_arrays)
+    if loss_fn is not None:
+      kwargs_arrays = dict(kwargs_arrays, loss_fn=model_loss)
+    try:
+      updates, new_opt_state = self.tx.update(
+          grad_arrays, opt_state_arrays, param_arrays, **kwargs_arrays)
+    except checks.MissingLossFnError:
+      # The transform needs `loss_fn` (every method but MSAM): say it here.
+      raise TypeError(common.MISSING_LOSS_FN.format(
+          call="SAMOptimizer.update",
+          example="optimizer.update(model, grads, loss_fn=loss_fn)",
+          signature="`loss_fn(model)`", aux="")) from None
     nnx.update(model, optax.apply_updates(param_arrays, updates))
     if stat_refs is not None:
       nnx.update(model, common.read_refs(stat_refs))

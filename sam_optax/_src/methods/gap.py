@@ -246,7 +246,7 @@ def gsam(
   options = core.Options(has_aux, axis_name, m, group_loop, mask,
                          track_cosine, rho_scale)
   rule = _gsam_rule(name, alpha)
-  return optax.chain(core.block(rule, rho, name, options), base_optimizer)
+  return core.with_base(core.block(rule, rho, name, options), base_optimizer)
 
 
 def gradient_norm_penalty(
@@ -329,4 +329,4 @@ def gnp(
   options = core.Options(has_aux, axis_name, m, group_loop, mask,
                          track_cosine, rho_scale)
   rule = _gnp_rule(name, alpha)
-  return optax.chain(core.block(rule, rho, name, options), base_optimizer)
+  return core.with_base(core.block(rule, rho, name, options), base_optimizer)

@@ -202,7 +202,7 @@ def vasso(
   options = core.Options(has_aux, axis_name, mask=mask, track_cosine=track_cosine,
                          rho_scale=rho_scale)
   rule = _vasso_rule(name, theta)
-  return optax.chain(core.block(rule, rho, name, options), base_optimizer)
+  return core.with_base(core.block(rule, rho, name, options), base_optimizer)
 
 
 def friendly_sharpness_aware(
@@ -294,4 +294,4 @@ def friendly_sam(
   options = core.Options(has_aux, axis_name, mask=mask, track_cosine=track_cosine,
                          rho_scale=rho_scale)
   rule = _friendly_rule(name, sigma, decay)
-  return optax.chain(core.block(rule, rho, name, options), base_optimizer)
+  return core.with_base(core.block(rule, rho, name, options), base_optimizer)

@@ -83,6 +83,7 @@ def momentum_sam(base_optimizer, rho, momentum, *, name: str):
 
   def init_fn(params):
     checks.check_float_params(name, params)
+    checks.check_rho_array(name, rho)  # a JAX array's ρ, once known
     rule_state = MomentumSAMRuleState(trace=optax.tree.zeros_like(params),
                                       scale=jnp.zeros([], jnp.float32))
     return MomentumSAMState(
@@ -94,6 +95,7 @@ def momentum_sam(base_optimizer, rho, momentum, *, name: str):
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
     sam_state = state.sam
     trace, old_scale = sam_state.rule_state
+    checks.check_state_like(name, trace, updates if params is None else params)
     eps_old = _perturbation(trace, old_scale)
     # The base optimizer sees the unperturbed params w = w̃ − ε.
     clean = None if params is None or static_zero else jax.tree.map(
@@ -161,12 +163,16 @@ def remove_perturbation(params, opt_state):
     The unperturbed params, same tree and dtypes as ``params``.
 
   Raises:
-    ValueError: if ``opt_state`` holds no MSAM state, or more than one.
+    ValueError: if ``opt_state`` holds no MSAM state, or more than one, or if
+      ``params`` do not have the tree and leaf shapes of its momentum.
   """
   found = info_lib.find_states(opt_state, MomentumSAMRuleState)
   if len(found) != 1:
     raise ValueError(checks.REMOVE_PERTURBATION_NOT_ONE.format(found=len(found)))
   (state,) = found
+  detail = checks.tree_mismatch(params, state.trace, "params", "the state's")
+  if detail is not None:
+    raise ValueError(checks.REMOVE_PERTURBATION_MISMATCH.format(detail=detail))
   eps = _perturbation(state.trace, state.scale)
   return jax.tree.map(lambda w, e: (_f32(w) - _f32(e)).astype(w.dtype), params, eps)
 

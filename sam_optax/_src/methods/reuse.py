@@ -183,7 +183,7 @@ def looksam(
   options = core.Options(has_aux, axis_name, m, group_loop, mask,
                          track_cosine, rho_scale)
   rule = _looksam_rule(name, k, alpha)
-  return optax.chain(core.block(rule, rho, name, options), base_optimizer)
+  return core.with_base(core.block(rule, rho, name, options), base_optimizer)
 
 
 def interval_sharpness_aware(
@@ -268,4 +268,4 @@ def interval_sam(
   options = core.Options(has_aux, axis_name, m, group_loop, mask,
                          track_cosine, rho_scale)
   rule = interval_rule(checks.check_k(name, k))
-  return optax.chain(core.block(rule, rho, name, options), base_optimizer)
+  return core.with_base(core.block(rule, rho, name, options), base_optimizer)

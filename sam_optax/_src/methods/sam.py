@@ -129,8 +129,10 @@ def sam(
       grows with b/m; on XLA:CPU the fastest for convolutions). The same
       math either way; pass the same value to
       :func:`sam_optax.group_value_and_grad`.
-    mask: pytree of bools like params (or ``params -> pytree``); only True
-      leaves are perturbed, and ε is normalized over them alone.
+    mask: pytree of bools like params (or ``params -> pytree``, called on
+      the params' shapes and dtypes, not their values); only True leaves are
+      perturbed, and ε is normalized over them alone. A mask that selects no
+      leaf is an error.
     rho_scale: per-leaf ρ: a pytree of non-negative numbers like params (or
       ``params -> pytree``); leaf ε is multiplied by its number after
       normalization (``None``: 1 everywhere).
@@ -173,4 +175,4 @@ def sam(
   options = core.Options(has_aux, axis_name, m, group_loop, mask,
                          track_cosine, rho_scale)
   rule = _sam_rule(name, p, normalize)
-  return optax.chain(core.block(rule, rho, name, options), base_optimizer)
+  return core.with_base(core.block(rule, rho, name, options), base_optimizer)
