@@ -10,6 +10,7 @@ shapes, ``mask=`` and ``rho_scale=``) is checked at trace time.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -644,9 +645,22 @@ def check_state_like(name: str, state, want) -> None:
     raise ValueError(STATE_MISMATCH.format(name=name, detail=detail))
 
 
+@functools.lru_cache(maxsize=64)
+def _init_shapes(init: Callable, treedef, avals):
+  """``init``'s output shapes for params of ``treedef`` and ``avals``."""
+  return jax.eval_shape(init, jax.tree.unflatten(
+      treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in avals]))
+
+
 def check_state_matches(name: str, init: Callable, state, params) -> None:
-  """``state`` is shaped like ``init(params)`` (abstractly: nothing runs)."""
-  check_state_like(name, state, jax.eval_shape(init, params))
+  """``state`` is shaped like ``init(params)`` (abstractly: nothing runs).
+
+  The shapes ``init`` gives are cached per params layout, so that an eager
+  (un-jitted) step does not trace ``init`` again.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  avals = tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves)
+  check_state_like(name, state, _init_shapes(init, treedef, avals))
 
 
 # --- An `update` call. ------------------------------------------------------------
