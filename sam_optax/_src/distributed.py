@@ -20,7 +20,6 @@ gradient over the perturbations and reduces the result once.
 from __future__ import annotations
 
 import contextvars
-import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -256,17 +255,25 @@ class Placement(NamedTuple):
       return Perturbed(loss_p, g_p, eps_norm, new_state, reduce)
     chunks = groups.split_batch(self.name, batch, self.m)
     if group_grads is None:
-      # Not supplied (see `group_value_and_grad`): one extra pass.
+      # Not supplied (see `group_value_and_grad`): one extra pass, fused with
+      # the perturbed one group by group (the ascent gradient, ε, ∇L(w+ε) and
+      # the accumulation), so that 'scan' holds one group's buffers at a time
+      # instead of b/m per-group gradients.
       w = self.varying(params)
       grad = jax.grad(lambda p, c: loss(p, c)[0])
-      group_grads = groups.map_groups(functools.partial(grad, w), chunks,
-                                      self.group_loop)
 
-    def one_group(xs):
-      return perturbed_grad(*xs, rule_state)[:3]
+      def one_group(chunk):
+        return perturbed_grad(grad(w, chunk), chunk, rule_state)[:3]
 
+      xs = chunks
+    else:
+
+      def one_group(xs):
+        return perturbed_grad(*xs, rule_state)[:3]
+
+      xs = (group_grads, chunks)
     loss_p, g_p, eps_norm = groups.mean_over_groups(
-        one_group, (group_grads, chunks), self.group_loop, self.varying)
+        one_group, xs, self.group_loop, self.varying)
     return Perturbed(loss_p, g_p, eps_norm, rule_state, ())
 
   def reduce_once(self, payload, perturbed: Perturbed):

@@ -120,14 +120,21 @@ def sam(
       then needs ``batch=`` and calls ``loss_fn(params, chunk)`` per group.
       Pass ``group_grads=`` from :func:`sam_optax.group_value_and_grad` to
       keep a step at two passes (otherwise the per-group gradients are
-      recomputed). Memory: b/m perturbed copies of the params (one with
-      ``group_loop='scan'``). Structural, like ``p``.
+      recomputed, group by group inside the loop). Memory: b/m perturbed
+      copies of the params with ``'vmap'``, b/m params-sized buffers for
+      supplied ``group_grads``; with ``group_loop='scan'`` and no
+      ``group_grads=``, a hand-written fused loop's whatever b/m. Group k is
+      examples k·m … (k+1)·m - 1 of the batch (of the global batch under
+      ``jit`` with a sharded batch, whose devices each run their own
+      groups). Structural, like ``p``.
     group_loop: with ``m``, how the groups are run: ``'vmap'`` (default; all
       groups in one vectorized pass), ``'scan'`` (one group at a time in a
-      ``jax.lax.scan``: one perturbed copy alive, for large models) or
-      ``'unroll'`` (one group at a time as straight-line code: compile time
-      grows with b/m; on XLA:CPU the fastest for convolutions). The same
-      math either way; pass the same value to
+      ``jax.lax.scan``, for large models: without ``group_grads=`` each
+      group's gradient, ε, perturbed gradient and accumulation run in turn,
+      so memory does not grow with b/m; a third pass) or ``'unroll'`` (one
+      group at a time as straight-line code: compile time grows with b/m,
+      memory is not bounded like ``'scan'``'s; on XLA:CPU the fastest for
+      convolutions). The same math either way; pass the same value to
       :func:`sam_optax.group_value_and_grad`.
     mask: pytree of bools like params (or ``params -> pytree``, called on
       the params' shapes and dtypes, not their values); only True leaves are
