@@ -221,3 +221,28 @@ def test_pod_quick_writes_table_csv_and_plot(tmp_path):
                   and (h["mode"], h["layout"]) == (r["mode"], r["layout"]))
       assert 0 <= r["collective_bytes"] - hand["collective_bytes"] <= 256, (r, hand)
       assert r["sam_vs_hand_sam_max_abs_diff"] < 1e-5, r
+
+
+def test_group_memory_quick_writes_table_csv_and_plot(tmp_path):
+  """The in-device m memory table at smoke size: every group loop, per-group
+  gradients supplied or computed in the loop, against the hand-written fused
+  loop; no sam step moves examples between devices under a sharded batch."""
+  from benchmarks import group_memory  # pylint: disable=import-outside-toplevel
+  rows = group_memory.main(["--quick", "--out", str(tmp_path / "gm.md")])
+  text = (tmp_path / "gm.md").read_text()
+  for loop in ("vmap", "scan", "unroll"):
+    for how in ("supplied", "in the loop"):
+      assert f"| sam {loop}, {how} |" in text, (loop, how)
+  assert "| hand_fused |" in text and "goal ≤ 1.10" in text
+  assert "CPU cores" in text and "Plot: `gm.png`" in text
+  csv = (tmp_path / "gm.csv").read_text().splitlines()
+  assert csv[0].startswith("groups,m,batch,step,group_loop,group_grads,passes,temp_bytes")
+  assert len(csv) == 1 + 2 * 8  # 2 group counts × (sgd, hand, 3 loops × 2)
+  assert (tmp_path / "gm.png").stat().st_size > 0
+  by = {(r["step"], r["groups"]): r for r in rows}
+  for k in (2, 4):
+    assert by[("sam scan, in the loop", k)]["temp_bytes"] < by[("sam vmap, supplied", k)][
+        "temp_bytes"]
+    for r in rows:
+      if r["groups"] == k and r["step"].startswith("sam"):
+        assert r["sharded_batch_moves"] == 0, r
