@@ -22,6 +22,7 @@ import optax
 from sam_optax._src import base
 from sam_optax._src import checks
 from sam_optax._src import core
+from sam_optax._src import forms
 from sam_optax._src import numerics
 from sam_optax._src.methods import sam as sam_lib
 
@@ -69,17 +70,17 @@ def gnp_rule(alpha) -> base.PerturbationRule:
                                combine=combine, combine_uses_grad=True)
 
 
-def _gsam_rule(name, alpha):
+def _gsam(name, *, options, rho, alpha):
   checks.check_range(name, "alpha", alpha,
               hint=" α = 0 gives SAM; the paper uses 0.01–0.6.")
-  return gsam_rule(alpha)
+  return core.block(gsam_rule(alpha), rho, name, options)
 
 
-def _gnp_rule(name, alpha):
+def _gnp(name, *, options, rho, alpha):
   checks.check_range(name, "alpha", alpha, high=1.0,
               hint=" α = 0 is the plain gradient, α = 1 is SAM; the paper "
               "uses 0.8.")
-  return gnp_rule(alpha)
+  return core.block(gnp_rule(alpha), rho, name, options)
 
 
 def rho_from_learning_rate(
@@ -150,24 +151,6 @@ def rho_from_learning_rate(
     return jnp.maximum(jnp.asarray(rho, jnp.float32), 0.0)
 
   return schedule
-
-
-def gap_guided_sharpness_aware(
-    rho: ScalarOrSchedule = 0.05,
-    alpha: float = 0.1,
-    *,
-    has_aux: bool = False, axis_name: Optional[str] = None,
-    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
-    track_cosine: bool = False, rho_scale: Any = None,
-) -> optax.GradientTransformationExtraArgs:
-  """GSAM as a chain block: SAM plus an ascent on the surrogate gap.
-
-  Equal to :func:`gsam` without ``base_optimizer``; see it for the maths.
-  """
-  name = "sam_optax.gap_guided_sharpness_aware"
-  options = core.Options(has_aux, axis_name, m, group_loop, mask,
-                         track_cosine, rho_scale)
-  return core.block(_gsam_rule(name, alpha), rho, name, options)
 
 
 def gsam(
@@ -242,29 +225,12 @@ def gsam(
     here the device-averaged ``g`` and ``g_p`` are decomposed (GSAM of the
     global batch, with per-device perturbations). On one device both agree.
   """
-  name = "sam_optax.gsam"
-  options = core.Options(has_aux, axis_name, m, group_loop, mask,
-                         track_cosine, rho_scale)
-  rule = _gsam_rule(name, alpha)
-  return core.with_base(core.block(rule, rho, name, options), base_optimizer)
+  return forms.around(_gsam, "sam_optax.gsam", locals())
 
 
-def gradient_norm_penalty(
-    rho: ScalarOrSchedule = 0.1,
-    alpha: float = 0.8,
-    *,
-    has_aux: bool = False, axis_name: Optional[str] = None,
-    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
-    track_cosine: bool = False, rho_scale: Any = None,
-) -> optax.GradientTransformationExtraArgs:
-  """Gradient-norm penalty (GNP) as a chain block: between SGD and SAM.
-
-  Equal to :func:`gnp` without ``base_optimizer``; see it for the maths.
-  """
-  name = "sam_optax.gradient_norm_penalty"
-  options = core.Options(has_aux, axis_name, m, group_loop, mask,
-                         track_cosine, rho_scale)
-  return core.block(_gnp_rule(name, alpha), rho, name, options)
+gap_guided_sharpness_aware = forms.chain_block(
+    gsam, _gsam, name="gap_guided_sharpness_aware",
+    summary="GSAM as a chain block: SAM plus an ascent on the surrogate gap.")
 
 
 def gnp(
@@ -325,8 +291,9 @@ def gnp(
     Generalization in Deep Learning <https://arxiv.org/abs/2202.03599>`_,
     ICML 2022.
   """
-  name = "sam_optax.gnp"
-  options = core.Options(has_aux, axis_name, m, group_loop, mask,
-                         track_cosine, rho_scale)
-  rule = _gnp_rule(name, alpha)
-  return core.with_base(core.block(rule, rho, name, options), base_optimizer)
+  return forms.around(_gnp, "sam_optax.gnp", locals())
+
+
+gradient_norm_penalty = forms.chain_block(
+    gnp, _gnp, name="gradient_norm_penalty",
+    summary="Gradient-norm penalty (GNP) as a chain block: between SGD and SAM.")

@@ -26,6 +26,7 @@ import optax
 from sam_optax._src import base
 from sam_optax._src import checks
 from sam_optax._src import core
+from sam_optax._src import forms
 from sam_optax._src import numerics
 
 ScalarOrSchedule = core.ScalarOrSchedule
@@ -102,35 +103,18 @@ def friendly_rule(sigma, decay) -> base.PerturbationRule:
   return base.PerturbationRule(init=_init, ascent=ascent, supports_groups=False)
 
 
-def _vasso_rule(name, theta):
+def _vasso(name, *, options, rho, theta):
   checks.check_range(name, "theta", theta, high=1.0, low_open=True,
               hint=" θ = 1 is SAM; the reference code uses theta=0.9.")
-  return vasso_rule(theta)
+  return core.block(vasso_rule(theta), rho, name, options)
 
 
-def _friendly_rule(name, sigma, decay):
+def _friendly(name, *, options, rho, sigma, decay):
   checks.check_range(name, "sigma", sigma,
               hint=" σ = 0 is SAM; the paper uses sigma=1.")
   checks.check_range(name, "decay", decay, high=1.0, high_open=True,
               hint=" The reference code uses decay=0.95 (the paper's λ).")
-  return friendly_rule(sigma, decay)
-
-
-def variance_suppressed_sharpness_aware(
-    rho: ScalarOrSchedule = 0.05,
-    theta: float = 0.9,
-    *,
-    has_aux: bool = False, axis_name: Optional[str] = None, mask: Any = None,
-    track_cosine: bool = False, rho_scale: Any = None,
-) -> optax.GradientTransformationExtraArgs:
-  """VaSSO as a chain block: ε along a moving average of the gradients.
-
-  Equal to :func:`vasso` without ``base_optimizer``; see it for the maths.
-  """
-  name = "sam_optax.variance_suppressed_sharpness_aware"
-  options = core.Options(has_aux, axis_name, mask=mask, track_cosine=track_cosine,
-                         rho_scale=rho_scale)
-  return core.block(_vasso_rule(name, theta), rho, name, options)
+  return core.block(friendly_rule(sigma, decay), rho, name, options)
 
 
 def vasso(
@@ -181,46 +165,27 @@ def vasso(
     >>> import jax, jax.numpy as jnp, optax, sam_optax
     >>> def loss(w):
     ...   return jnp.sum((w - 1.0) ** 2)
-    >>> tx = optax.MultiSteps(  # two micro-batches per VaSSO step
-    ...     sam_optax.vasso(optax.sgd(0.1), rho=0.05, theta=0.9),
-    ...     every_k_schedule=2)
-    >>> w = jnp.array([[3.0, -2.0], [0.5, 1.5]])
-    >>> state = tx.init(w)
-    >>> losses = []
-    >>> for _ in range(6):
+    >>> tx = sam_optax.vasso(optax.sgd(0.1), rho=0.05, theta=0.9)
+    >>> def step(carry, _):  # a training loop under jax.lax.scan
+    ...   w, state = carry
     ...   updates, state = tx.update(jax.grad(loss)(w), state, w, loss_fn=loss)
     ...   w = optax.apply_updates(w, updates)
-    ...   losses.append(round(float(loss(w)), 2))
-    >>> losses
-    [13.5, 8.58, 8.58, 5.45, 5.45, 3.45]
+    ...   return (w, state), loss(w)
+    >>> w = jnp.array([[3.0, -2.0], [0.5, 1.5]])
+    >>> _, losses = jax.lax.scan(step, (w, tx.init(w)), length=4)
+    >>> print(' '.join(f'{x:.2f}' for x in losses))
+    8.58 5.45 3.45 2.18
 
   References:
     Li & Giannakis, `Enhancing Sharpness-Aware Optimization Through Variance
     Suppression <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023.
   """
-  name = "sam_optax.vasso"
-  options = core.Options(has_aux, axis_name, mask=mask, track_cosine=track_cosine,
-                         rho_scale=rho_scale)
-  rule = _vasso_rule(name, theta)
-  return core.with_base(core.block(rule, rho, name, options), base_optimizer)
+  return forms.around(_vasso, "sam_optax.vasso", locals())
 
 
-def friendly_sharpness_aware(
-    rho: ScalarOrSchedule = 0.05,
-    sigma: float = 1.0,
-    decay: float = 0.95,
-    *,
-    has_aux: bool = False, axis_name: Optional[str] = None, mask: Any = None,
-    track_cosine: bool = False, rho_scale: Any = None,
-) -> optax.GradientTransformationExtraArgs:
-  """Friendly-SAM (F-SAM) as a chain block: perturb along the gradient noise.
-
-  Equal to :func:`friendly_sam` without ``base_optimizer``; see it for the maths.
-  """
-  name = "sam_optax.friendly_sharpness_aware"
-  options = core.Options(has_aux, axis_name, mask=mask, track_cosine=track_cosine,
-                         rho_scale=rho_scale)
-  return core.block(_friendly_rule(name, sigma, decay), rho, name, options)
+variance_suppressed_sharpness_aware = forms.chain_block(
+    vasso, _vasso, name="variance_suppressed_sharpness_aware",
+    summary="VaSSO as a chain block: ε along a moving average of the gradients.")
 
 
 def friendly_sam(
@@ -290,8 +255,9 @@ def friendly_sam(
     :math:`m_t`. For σ = 1 (the paper's setting) the two give the same ε,
     since then :math:`g_t - m_t = \lambda (g_t - m_{t-1})`.
   """
-  name = "sam_optax.friendly_sam"
-  options = core.Options(has_aux, axis_name, mask=mask, track_cosine=track_cosine,
-                         rho_scale=rho_scale)
-  rule = _friendly_rule(name, sigma, decay)
-  return core.with_base(core.block(rule, rho, name, options), base_optimizer)
+  return forms.around(_friendly, "sam_optax.friendly_sam", locals())
+
+
+friendly_sharpness_aware = forms.chain_block(
+    friendly_sam, _friendly, name="friendly_sharpness_aware",
+    summary="Friendly-SAM (F-SAM) as a chain block: perturb along the gradient noise.")

@@ -19,6 +19,7 @@ import optax
 from sam_optax._src import base
 from sam_optax._src import checks
 from sam_optax._src import core
+from sam_optax._src import forms
 from sam_optax._src import numerics
 from sam_optax._src.methods import sam as sam_lib
 
@@ -86,29 +87,10 @@ def interval_rule(k: int) -> base.PerturbationRule:
                                second_pass=_every(k))
 
 
-def _looksam_rule(name, k, alpha):
+def _looksam(name, *, options, rho, k, alpha):
   k = checks.check_k(name, k)
   checks.check_range(name, "alpha", alpha, hint=" The paper uses alpha=0.7.")
-  return looksam_rule(alpha, k)
-
-
-def look_sharpness_aware(
-    rho: ScalarOrSchedule = 0.05,
-    k: int = 5,
-    alpha: float = 0.7,
-    *,
-    has_aux: bool = False, axis_name: Optional[str] = None,
-    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
-    track_cosine: bool = False, rho_scale: Any = None,
-) -> optax.GradientTransformationExtraArgs:
-  """LookSAM as a chain block: a SAM step every k steps, reused in between.
-
-  Equal to :func:`looksam` without ``base_optimizer``; see it for the maths.
-  """
-  name = "sam_optax.look_sharpness_aware"
-  options = core.Options(has_aux, axis_name, m, group_loop, mask,
-                         track_cosine, rho_scale)
-  return core.block(_looksam_rule(name, k, alpha), rho, name, options)
+  return core.block(looksam_rule(alpha, k), rho, name, options)
 
 
 def looksam(
@@ -179,28 +161,15 @@ def looksam(
     Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
     <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
   """
-  name = "sam_optax.looksam"
-  options = core.Options(has_aux, axis_name, m, group_loop, mask,
-                         track_cosine, rho_scale)
-  rule = _looksam_rule(name, k, alpha)
-  return core.with_base(core.block(rule, rho, name, options), base_optimizer)
+  return forms.around(_looksam, "sam_optax.looksam", locals())
 
 
-def interval_sharpness_aware(
-    rho: ScalarOrSchedule = 0.05,
-    k: int = 5,
-    *,
-    has_aux: bool = False, axis_name: Optional[str] = None,
-    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
-    track_cosine: bool = False, rho_scale: Any = None,
-) -> optax.GradientTransformationExtraArgs:
-  """Interval SAM as a chain block: SAM every k steps, the plain gradient otherwise.
+look_sharpness_aware = forms.chain_block(
+    looksam, _looksam, name="look_sharpness_aware",
+    summary="LookSAM as a chain block: a SAM step every k steps, reused in between.")
 
-  Equal to :func:`interval_sam` without ``base_optimizer``; see it for the maths.
-  """
-  name = "sam_optax.interval_sharpness_aware"
-  options = core.Options(has_aux, axis_name, m, group_loop, mask,
-                         track_cosine, rho_scale)
+
+def _interval(name, *, options, rho, k):
   return core.block(interval_rule(checks.check_k(name, k)), rho, name, options)
 
 
@@ -264,8 +233,9 @@ def interval_sam(
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
   """
-  name = "sam_optax.interval_sam"
-  options = core.Options(has_aux, axis_name, m, group_loop, mask,
-                         track_cosine, rho_scale)
-  rule = interval_rule(checks.check_k(name, k))
-  return core.with_base(core.block(rule, rho, name, options), base_optimizer)
+  return forms.around(_interval, "sam_optax.interval_sam", locals())
+
+
+interval_sharpness_aware = forms.chain_block(
+    interval_sam, _interval, name="interval_sharpness_aware",
+    summary="Interval SAM as a chain block: SAM every k steps, the plain gradient otherwise.")

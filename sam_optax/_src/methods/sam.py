@@ -11,6 +11,7 @@ import optax
 from sam_optax._src import base
 from sam_optax._src import checks
 from sam_optax._src import core
+from sam_optax._src import forms
 from sam_optax._src import numerics
 
 ScalarOrSchedule = core.ScalarOrSchedule
@@ -40,27 +41,8 @@ def sam_ascent(grads, state, params):
   return numerics.dual_direction(grads, 2.0), state
 
 
-def _sam_rule(name, p, normalize):
-  return normalized(checks.check_p(name, p, normalize), normalize=normalize)
-
-
-def sharpness_aware(
-    rho: ScalarOrSchedule = 0.05,
-    *,
-    p: Optional[float] = None,
-    normalize: bool = True,
-    has_aux: bool = False, axis_name: Optional[str] = None,
-    m: Optional[int] = None, group_loop: str = "vmap", mask: Any = None,
-    rho_scale: Any = None, track_cosine: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-  """Turns the batch gradient into the SAM gradient ``∇L(w + ε)``: a chain block.
-
-  Equal to :func:`sam` without ``base_optimizer``; see it for the maths.
-  """
-  name = "sam_optax.sharpness_aware"
-  options = core.Options(has_aux, axis_name, m, group_loop, mask,
-                         track_cosine, rho_scale)
-  return core.block(_sam_rule(name, p, normalize), rho, name, options)
+def _sam(name, *, options, rho, p, normalize):
+  return core.block(normalized(checks.check_p(name, p, normalize), normalize=normalize), rho, name, options)
 
 
 def sam(
@@ -178,8 +160,9 @@ def sam(
     Andriushchenko & Flammarion, `Towards Understanding Sharpness-Aware
     Minimization <https://arxiv.org/abs/2206.06232>`_, ICML 2022 (USAM).
   """
-  name = "sam_optax.sam"
-  options = core.Options(has_aux, axis_name, m, group_loop, mask,
-                         track_cosine, rho_scale)
-  rule = _sam_rule(name, p, normalize)
-  return core.with_base(core.block(rule, rho, name, options), base_optimizer)
+  return forms.around(_sam, "sam_optax.sam", locals())
+
+
+sharpness_aware = forms.chain_block(
+    sam, _sam, name="sharpness_aware",
+    summary="Turns the batch gradient into the SAM gradient ``∇L(w + ε)``: a chain block.")
