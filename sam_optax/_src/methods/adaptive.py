@@ -123,12 +123,10 @@ def asam(
   ρ is about ten times SAM's (the paper uses 0.5 on CIFAR-10 and 1.0 on
   CIFAR-100). At ``g = 0``, ε is exactly 0.
 
-  As a chain block, :func:`adaptive_sharpness_aware` goes first in the chain:
-  ``optax.chain(adaptive_sharpness_aware(rho, ...), base_optimizer)`` is the same.
-
   Args:
     base_optimizer: any optax transformation (``optax.sgd``,
-      ``optax.adamw``, a chain, ...).
+      ``optax.adamw``, a chain, ...). Without it, the chain block
+      :func:`adaptive_sharpness_aware` goes first in a chain.
     rho: the radius ρ ≥ 0 (float or optax schedule); default 0.5 as in the
       paper. ``rho=0`` gives exactly the incoming gradient.
     eta: η ≥ 0, keeps :math:`T_w > 0` on zero weights; default 0.01 as in the
@@ -215,12 +213,10 @@ def fisher_sam(
 
   At ``g = 0``, ε is exactly 0; ``eta=0`` gives SAM.
 
-  As a chain block, :func:`fisher_sharpness_aware` goes first in the chain:
-  ``optax.chain(fisher_sharpness_aware(rho, ...), base_optimizer)`` is the same.
-
   Args:
     base_optimizer: any optax transformation (``optax.sgd``,
-      ``optax.adamw``, a chain, ...).
+      ``optax.adamw``, a chain, ...). Without it, the chain block
+      :func:`fisher_sharpness_aware` goes first in a chain.
     rho: the radius ρ ≥ 0 (the paper's γ); default 0.1, the paper's setting.
     eta: η ≥ 0, the weight of the Fisher term; default 1.0, the paper's
       setting (η = 0 is SAM).

@@ -177,12 +177,10 @@ def gsam(
   The paper ties :math:`\rho_t` to the learning rate; build that schedule with
   :func:`rho_from_learning_rate`. At ``g = 0``, ε = 0 and ``u = g_p``.
 
-  As a chain block, :func:`gap_guided_sharpness_aware` goes first in the chain:
-  ``optax.chain(gap_guided_sharpness_aware(rho, ...), base_optimizer)`` is the same.
-
   Args:
     base_optimizer: any optax transformation (``optax.sgd``,
-      ``optax.adamw``, a chain, ...).
+      ``optax.adamw``, a chain, ...). Without it, the chain block
+      :func:`gap_guided_sharpness_aware` goes first in a chain.
     rho: the radius ρ ≥ 0, a float or a schedule (for example
       ``rho_from_learning_rate(lr, rho_max=0.6, rho_min=0.1, lr_max=...)``,
       the paper's ViT-B/32 setting); run-time values below 0 are clamped to 0.
@@ -255,12 +253,10 @@ def gnp(
 
   ``alpha=1`` is SAM, ``alpha=0`` the plain gradient.
 
-  As a chain block, :func:`gradient_norm_penalty` goes first in the chain:
-  ``optax.chain(gradient_norm_penalty(rho, ...), base_optimizer)`` is the same.
-
   Args:
     base_optimizer: any optax transformation (``optax.sgd``,
-      ``optax.adamw``, a chain, ...).
+      ``optax.adamw``, a chain, ...). Without it, the chain block
+      :func:`gradient_norm_penalty` goes first in a chain.
     rho: the finite-difference radius ρ ≥ 0 (the paper's r); default 0.1,
       the paper's CIFAR setting.
     alpha: α in [0, 1]; default 0.8, the paper's setting.

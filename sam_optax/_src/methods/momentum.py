@@ -138,12 +138,10 @@ def vasso(
 
   with :math:`d_0 = g_0`. ``theta=1`` is SAM.
 
-  As a chain block, :func:`variance_suppressed_sharpness_aware` goes first in the chain:
-  ``optax.chain(variance_suppressed_sharpness_aware(rho, ...), base_optimizer)`` is the same.
-
   Args:
     base_optimizer: any optax transformation (``optax.sgd``,
-      ``optax.adamw``, a chain, ...).
+      ``optax.adamw``, a chain, ...). Without it, the chain block
+      :func:`variance_suppressed_sharpness_aware` goes first in a chain.
     rho: the radius ρ ≥ 0 (float or schedule); default 0.05.
     theta: θ in (0, 1], the weight of the newest gradient; default 0.9, the
       reference code's default (its CIFAR scripts also use 0.9).
@@ -211,12 +209,10 @@ def friendly_sam(
   On the first step (no history) ε follows :math:`g_0`, and
   :math:`m_0 = g_0`, as in the reference code. ``sigma=0`` is SAM.
 
-  As a chain block, :func:`friendly_sharpness_aware` goes first in the chain:
-  ``optax.chain(friendly_sharpness_aware(rho, ...), base_optimizer)`` is the same.
-
   Args:
     base_optimizer: any optax transformation (``optax.sgd``,
-      ``optax.adamw``, a chain, ...).
+      ``optax.adamw``, a chain, ...). Without it, the chain block
+      :func:`friendly_sharpness_aware` goes first in a chain.
     rho: the radius ρ ≥ 0 (float or schedule); default 0.05.
     sigma: σ ≥ 0, how much of the averaged gradient to remove; default 1.0,
       the value used in all the paper's experiments.

@@ -120,12 +120,10 @@ def looksam(
   steps the second pass is not run, so ``k=5`` costs about 1.2 gradients per
   step.
 
-  As a chain block, :func:`look_sharpness_aware` goes first in the chain:
-  ``optax.chain(look_sharpness_aware(rho, ...), base_optimizer)`` is the same.
-
   Args:
     base_optimizer: any optax transformation (``optax.sgd``,
-      ``optax.adamw``, a chain, ...).
+      ``optax.adamw``, a chain, ...). Without it, the chain block
+      :func:`look_sharpness_aware` goes first in a chain.
     rho: the radius ρ ≥ 0 (float or schedule); default 0.05.
     k: steps from one SAM step to the next, an integer ≥ 1 (``k=1`` is SAM);
       default 5 as in the paper. Structural: under
@@ -193,12 +191,10 @@ def interval_sam(
   cheap baseline of the LookSAM paper ("SAM-k"), also known as composer's
   ``interval``.
 
-  As a chain block, :func:`interval_sharpness_aware` goes first in the chain:
-  ``optax.chain(interval_sharpness_aware(rho, ...), base_optimizer)`` is the same.
-
   Args:
     base_optimizer: any optax transformation (``optax.sgd``,
-      ``optax.adamw``, a chain, ...).
+      ``optax.adamw``, a chain, ...). Without it, the chain block
+      :func:`interval_sharpness_aware` goes first in a chain.
     rho: the radius ρ ≥ 0 (float or schedule); default 0.05.
     k: steps from one SAM step to the next (integer ≥ 1; ``k=1`` is SAM);
       default 5. Structural: list it in ``static_args`` under

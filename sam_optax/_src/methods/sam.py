@@ -75,12 +75,10 @@ def sam(
   gradient from ``loss_fn``): to clip or decay the SAM gradient, put that
   member after the block, or pass the chain as ``base_optimizer``.
 
-  As a chain block, :func:`sharpness_aware` goes first in the chain:
-  ``optax.chain(sharpness_aware(rho, ...), base_optimizer)`` is the same.
-
   Args:
     base_optimizer: any optax transformation (``optax.sgd``,
-      ``optax.adamw``, a chain, ...).
+      ``optax.adamw``, a chain, ...). Without it, the chain block
+      :func:`sharpness_aware` goes first in a chain.
     rho: the radius ρ ≥ 0, a float or an optax schedule of the step count.
       Run-time values below 0 (from a schedule or ``inject_hyperparams``) are
       clamped to 0; ``rho=0`` gives exactly the incoming gradient.
