@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from sam_optax._src import checks
+from sam_optax._src import messages
 from sam_optax._src import groups
 
 # The placement of the `update` whose `loss_fn` is being traced, if any.
@@ -84,13 +85,13 @@ def check_axis(name: str, axis_name, grads) -> None:
     ValueError: if the gradients do not vary over an axis that is tracked.
   """
   if not axis_is_bound(axis_name):
-    raise NameError(checks.AXIS_NOT_BOUND.format(name=name, axis=axis_name))
+    raise NameError(messages.AXIS_NOT_BOUND.format(name=name, axis=axis_name))
   leaves = jax.tree.leaves(grads)
   if not leaves:
     return
   for a in _axis_names(axis_name):
     if _tracks_varying(a) and not any(a in _varying_axes(x) for x in leaves):
-      raise ValueError(checks.GRADS_NOT_PER_DEVICE.format(name=name, axis=a))
+      raise ValueError(messages.GRADS_NOT_PER_DEVICE.format(name=name, axis=a))
 
 
 def all_reduce_mean(tree, axis_name):
@@ -146,7 +147,7 @@ def per_device(params, axis_name):
       function).
   """
   if not axis_is_bound(axis_name):
-    raise NameError(checks.PER_DEVICE_NOT_BOUND.format(axis=axis_name))
+    raise NameError(messages.PER_DEVICE_NOT_BOUND.format(axis=axis_name))
   return as_varying(params, axis_name)
 
 
@@ -163,7 +164,7 @@ def reducible_state(old_state, new_state, axis_name) -> list[bool]:
   old = jax.tree.leaves(old_state)
   new = jax.tree.leaves(new_state)
   if len(old) != len(new):
-    raise ValueError(checks.RULE_STATE_STRUCTURE)
+    raise ValueError(messages.RULE_STATE_STRUCTURE)
   axes = _axis_names(axis_name)
   tracked = all(_tracks_varying(a) for a in axes)
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from sam_optax._src import checks
+from sam_optax._src import messages
 
 def split_batch(name: str, batch, m: int):
   """Reshapes every leaf ``[b, ...]`` of ``batch`` to ``[b // m, m, ...]``."""
@@ -264,9 +265,9 @@ def group_value_and_grad(
   """
   name = "sam_optax.group_value_and_grad"
   if not checks.is_positive_int(m):
-    raise ValueError(checks.BAD_M.format(name=name, m=m, alt=""))
+    raise ValueError(messages.BAD_M.format(name=name, m=m, alt=""))
   checks.check_loss_fn_arity(name, loss_fn, m)
-  checks.check_choice(checks.BAD_GROUP_LOOP, group_loop, checks.GROUP_LOOPS,
+  checks.check_choice(messages.BAD_GROUP_LOOP, group_loop, checks.GROUP_LOOPS,
                       name=name, loop=group_loop)
   value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
 

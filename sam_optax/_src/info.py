@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from sam_optax._src import base
-from sam_optax._src import checks
+from sam_optax._src import messages
 
 
 def find_states(opt_state, state_type) -> list:
@@ -34,7 +34,7 @@ def get_info(opt_state) -> base.SAMInfo:
   """
   found = find_states(opt_state, base.SharpnessAwareState)
   if len(found) != 1:
-    raise ValueError(checks.GET_INFO_NOT_ONE.format(found=len(found)))
+    raise ValueError(messages.GET_INFO_NOT_ONE.format(found=len(found)))
   # Wrappers around the arrays (e.g. the variables of an NNX optimizer's
   # state) flatten to the arrays themselves, one per field.
   fields = jax.tree.leaves(found[0].info)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from sam_optax._src import checks
+from sam_optax._src import messages
 from sam_optax._src import numerics
 
 Path = Tuple[str, ...]
@@ -47,7 +48,7 @@ class Scope(NamedTuple):
     eagerly and under ``jit``); every mask leaf must be one bool, and at
     least one must be True. Concrete ``rho_scale`` leaves must be ≥ 0.
     """
-    hint = (checks.NORMALIZATION_MASK_HINT
+    hint = (messages.NORMALIZATION_MASK_HINT
             if mask is normalization_params_mask else "")
     rho_scale = checks.resolve_leafwise(name, "rho_scale", rho_scale, params,
                                         "one number")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from sam_optax._src import checks
+from sam_optax._src import messages
 
 
 BAD_POSITIVE_INT = (
@@ -148,7 +149,7 @@ def check_group_size(name: str, m) -> Optional[int]:
   if m is None:
     return None
   if not checks.is_positive_int(m):
-    raise ValueError(checks.BAD_M.format(
+    raise ValueError(messages.BAD_M.format(
         name=name, m=m, alt=" (or None for one group: the whole batch)"))
   return int(m)
 

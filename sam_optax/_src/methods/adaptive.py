@@ -17,6 +17,7 @@ import optax
 
 from sam_optax._src import base
 from sam_optax._src import checks
+from sam_optax._src import messages
 from sam_optax._src import core
 from sam_optax._src import forms
 from sam_optax._src import numerics
@@ -87,7 +88,7 @@ def fisher_rule(eta) -> base.PerturbationRule:
 
 
 def _asam(name, *, options, rho, eta, operator):
-  checks.check_choice(checks.BAD_ASAM_OPERATOR, operator,
+  checks.check_choice(messages.BAD_ASAM_OPERATOR, operator,
                       ASAM_OPERATORS, name=name, operator=operator)
   checks.check_range(name, "eta", eta, hint=" The paper uses eta=0.01.")
   return core.block(asam_rule(eta, operator=operator), rho, name, options)

@@ -21,6 +21,7 @@ import optax
 
 from sam_optax._src import base
 from sam_optax._src import checks
+from sam_optax._src import messages
 from sam_optax._src import core
 from sam_optax._src import forms
 from sam_optax._src import numerics
@@ -133,12 +134,12 @@ def rho_from_learning_rate(
     checks.check_range(name, arg, value)
   if lr_max is None:
     if callable(learning_rate):
-      raise ValueError(checks.LR_MAX_NEEDED.format(name=name))
+      raise ValueError(messages.LR_MAX_NEEDED.format(name=name))
     lr_max = learning_rate
   checks.check_range(name, "lr_max", lr_max)
   span = float(lr_max) - float(lr_min)
   if span < 0:
-    raise ValueError(checks.LR_MAX_BELOW_MIN.format(
+    raise ValueError(messages.LR_MAX_BELOW_MIN.format(
         name=name, lr_max=lr_max, lr_min=lr_min))
 
   def schedule(count):

@@ -21,6 +21,7 @@ import optax
 
 from sam_optax._src import base
 from sam_optax._src import checks
+from sam_optax._src import messages
 from sam_optax._src import core
 from sam_optax._src import info as info_lib
 from sam_optax._src import numerics
@@ -168,11 +169,11 @@ def remove_perturbation(params, opt_state):
   """
   found = info_lib.find_states(opt_state, MomentumSAMRuleState)
   if len(found) != 1:
-    raise ValueError(checks.REMOVE_PERTURBATION_NOT_ONE.format(found=len(found)))
+    raise ValueError(messages.REMOVE_PERTURBATION_NOT_ONE.format(found=len(found)))
   (state,) = found
   detail = checks.tree_mismatch(params, state.trace, "params", "the state's")
   if detail is not None:
-    raise ValueError(checks.REMOVE_PERTURBATION_MISMATCH.format(detail=detail))
+    raise ValueError(messages.REMOVE_PERTURBATION_MISMATCH.format(detail=detail))
   eps = _perturbation(state.trace, state.scale)
   return jax.tree.map(lambda w, e: (_f32(w) - _f32(e)).astype(w.dtype), params, eps)
 
