@@ -14,9 +14,13 @@ a markdown table (mean ± std), a per-run CSV and a plot to
   and SAM solutions at the same training loss.
 * :mod:`~benchmarks.experiments.e4_balance`: balanced feature learning (SAM
   relies more on a hard feature than plain gradient descent does).
+* :mod:`~benchmarks.experiments.e5_feature_quality`: feature quality measured
+  the paper's way, linear probes on the frozen representation (a toy,
+  digits | MNIST-1D dominoes, a 95% spurious split; SGD, SAM, ASAM, m-SAM).
 
-``python -m benchmarks.experiments`` runs all four (``--quick`` shrinks them,
+``python -m benchmarks.experiments`` runs all five (``--quick`` shrinks them,
 ``--only`` picks some); ``python -m benchmarks.experiments.<name>`` runs one.
 """
 
-EXPERIMENTS = ("e1_msharpness", "e2_label_noise", "e3_hessian", "e4_balance")
+EXPERIMENTS = ("e1_msharpness", "e2_label_noise", "e3_hessian", "e4_balance",
+               "e5_feature_quality")
